@@ -1,0 +1,23 @@
+"""batchnorm: Batch Normalization (Ioffe & Szegedy, 2015) for PyTorch.
+
+The op (Algorithm 1 with the paper's hand-written backward, registered with ``torch.library``),
+drop-in layers for ``torch.nn.BatchNorm1d/2d/3d``, and whole-model tools.
+"""
+
+from . import functional
+from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .ops import get_backend, set_backend
+from .tools import convert_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormBase",
+    "convert_model",
+    "functional",
+    "get_backend",
+    "set_backend",
+]

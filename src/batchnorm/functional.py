@@ -1,0 +1,159 @@
+"""``batch_norm`` with ``torch.nn.functional.batch_norm``'s signature: input checks, then dispatch.
+
+Running statistics (Algorithm 2 convention, as PyTorch does it): the batch is normalized with
+its *biased* variance σ²_B, and the running estimate stores the *unbiased* m/(m−1)·σ²_B:
+
+    running_mean ← (1 − momentum)·running_mean + momentum·μ_B
+    running_var  ← (1 − momentum)·running_var  + momentum·m/(m−1)·σ²_B
+
+``momentum`` is PyTorch's convention (weight of the new batch). Keras and Flax call
+``1 − momentum`` the "decay"; :func:`momentum_from_decay` / :func:`decay_from_momentum` convert.
+``momentum=None`` gives the cumulative average (factor 1/t for the t-th batch), which needs the
+``num_batches_tracked`` counter. Every check runs before any state is touched: a failed call
+leaves every buffer exactly as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .ops import library, reference
+
+__all__ = [
+    "batch_norm",
+    "check_input",
+    "decay_from_momentum",
+    "momentum_from_decay",
+    "update_running_stats",
+]
+
+
+def momentum_from_decay(decay: float) -> float:
+    """Keras/Flax moving-average ``decay`` (e.g. 0.99) → PyTorch ``momentum`` (0.01)."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    return 1.0 - decay
+
+
+def decay_from_momentum(momentum: float) -> float:
+    """PyTorch ``momentum`` (e.g. 0.1) → Keras/Flax moving-average ``decay`` (0.9)."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return 1.0 - momentum
+
+
+def check_hyperparameters(eps: float, momentum: float | None) -> None:
+    """``eps`` > 0 and ``momentum`` in [0, 1] (or None), else a ValueError that says so."""
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number (e.g. 1e-5), got {eps!r}")
+    if momentum is not None and (not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0):
+        raise ValueError(
+            f"momentum must be in [0, 1] (PyTorch convention: weight of the new batch) or None "
+            f"for a cumulative average, got {momentum!r}; a Keras/Flax decay d is momentum 1 - d"
+        )
+
+
+def check_input(
+    x: Tensor, num_features: int | None = None, dims: tuple[int, ...] | None = None,
+    training: bool = False, layer: str = "batch_norm",
+) -> None:
+    """Raise a clear TypeError/ValueError for input a BN layer cannot normalize."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{layer}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{layer}: expected a floating-point tensor, got dtype {x.dtype}; "
+            f"convert it first, e.g. x.float()"
+        )
+    if dims is not None and x.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{layer}: expected {want} input, got {x.dim()}-D input of shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"{layer}: expected input of shape (N, C, ...), got shape {tuple(x.shape)}; "
+            f"add a batch axis with x.unsqueeze(0)"
+        )
+    if num_features is not None and x.shape[1] != num_features:
+        raise ValueError(
+            f"{layer}: expected {num_features} channels (axis 1), got {x.shape[1]} in input of "
+            f"shape {tuple(x.shape)}; set num_features={x.shape[1]} or fix the layer before"
+        )
+    if training and reference.values_per_channel(x) < 2:
+        raise ValueError(
+            f"{layer}: training needs more than 1 value per channel to compute a variance, got "
+            f"input of shape {tuple(x.shape)}; use a batch of at least 2, or call .eval() to use "
+            f"the running statistics"
+        )
+
+
+def _check_param(name: str, t: Tensor | None, c: int) -> None:
+    if t is not None and (t.dim() != 1 or t.shape[0] != c):
+        raise ValueError(f"{name} must have shape ({c},) to match the input's channels, got {tuple(t.shape)}")
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    m: int,
+    factor: float,
+) -> None:
+    """EMA step with the unbiased batch variance m/(m−1)·σ²_B (in place, no autograd)."""
+    with torch.no_grad():
+        unbiased = var * (m / (m - 1))
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        running_var.lerp_(unbiased.to(running_var.dtype), factor)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """Batch normalization (Ioffe & Szegedy 2015), a drop-in for ``torch.nn.functional.batch_norm``.
+
+    In training the batch statistics normalize ``input`` and, when ``running_mean``/``running_var``
+    are given, update them in place; otherwise the running statistics are used (inference).
+    ``momentum=None`` averages cumulatively and requires ``num_batches_tracked`` (incremented here
+    in training, as the layers do).
+    """
+    check_hyperparameters(eps, momentum)
+    check_input(input, training=training)
+    c = input.shape[1]
+    _check_param("weight", weight, c)
+    _check_param("bias", bias, c)
+    _check_param("running_mean", running_mean, c)
+    _check_param("running_var", running_var, c)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError(
+            "batch_norm in eval mode (training=False) needs running_mean and running_var; "
+            "pass them, or use training=True to normalize with batch statistics"
+        )
+    if training and running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+
+    if not training:
+        return reference.eval_forward(input, running_mean, running_var, weight, bias, eps)
+
+    y, mean, var = library.bn_forward(input, weight, bias, float(eps))
+    if running_mean is not None:
+        if num_batches_tracked is not None:
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+        factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked.item())
+        update_running_stats(
+            running_mean, running_var, mean.detach(), var.detach(),
+            reference.values_per_channel(input), factor,
+        )
+    return y

@@ -1,0 +1,126 @@
+"""One base class for every BN layer: parameters, buffers, checks, state_dict versioning.
+
+Attributes, buffers and ``state_dict`` keys match ``torch.nn.BatchNorm*`` exactly (``weight``,
+``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``), so checkpoints move both
+ways with ``strict=True``. Subclasses only say which input ranks they accept and, for variants,
+how a training batch is normalized.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as BF
+
+
+class BatchNormBase(nn.Module):
+    """Shared state of a batch-normalization layer over ``num_features`` channels (axis 1)."""
+
+    _version = 2  # same as torch.nn's _NormBase: v2 added num_batches_tracked
+    _dims: tuple[int, ...] = (2, 3, 4, 5)  # accepted input ranks; subclasses narrow this
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int (the channel count), got {num_features!r}")
+        BF.check_hyperparameters(eps, momentum)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))  # γ
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))  # β
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ state
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, counter 0."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """γ = 1, β = 0 (the identity transform on normalized input), and fresh statistics."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Checkpoints from before num_batches_tracked existed (version < 2) load with a zero counter.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = (
+                self.num_batches_tracked
+                if self.num_batches_tracked is not None and self.num_batches_tracked.device != torch.device("meta")
+                else torch.tensor(0, dtype=torch.long)
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # ------------------------------------------------------------------ forward
+    def check_input(self, x: Tensor) -> None:
+        """Type, rank, channel count and (in training) at least two values per channel."""
+        BF.check_hyperparameters(self.eps, self.momentum)
+        BF.check_input(
+            x, self.num_features, self._dims, training=self._uses_batch_stats(),
+            layer=type(self).__name__,
+        )
+
+    def _uses_batch_stats(self) -> bool:
+        """Mode comes from self.training alone; without running stats, batch stats are all we have."""
+        return self.training or self.running_mean is None
+
+    def _running_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Buffers this call reads or updates: running stats in eval, or in training when tracked."""
+        if not self.training or self.track_running_stats:
+            return self.running_mean, self.running_var, self.num_batches_tracked if self.training else None
+        return None, None, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        rm, rv, nbt = self._running_buffers()
+        return BF.batch_norm(
+            x, rm, rv, self.weight, self.bias, self._uses_batch_stats(), self.momentum, self.eps,
+            num_batches_tracked=nbt,
+        )

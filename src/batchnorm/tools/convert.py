@@ -1,0 +1,54 @@
+"""Swap ``torch.nn.BatchNorm*`` layers for ours in a whole model, and back.
+
+The converted layer *shares* the original's parameters and buffers (same tensor objects), so
+an optimizer built before the conversion keeps working and no values change.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+
+_TO_OURS: dict[type[nn.Module], type[BatchNormBase]] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_OURS.items()}
+
+
+def _copy_layer(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
+    """A ``new_cls`` layer holding ``old``'s very parameters, buffers and mode."""
+    new = new_cls(
+        old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
+        track_running_stats=old.track_running_stats, device="meta",
+    )
+    for name in ("weight", "bias"):
+        setattr(new, name, getattr(old, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new._buffers[name] = old._buffers.get(name)
+    new.train(old.training)
+    return new
+
+
+def _convert(module: nn.Module, table: dict[type[nn.Module], type[nn.Module]]) -> nn.Module:
+    if type(module) in table:
+        return _copy_layer(module, table[type(module)])
+    for name, child in module.named_children():
+        new_child = _convert(child, table)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+def convert_model(module: nn.Module, to: str = "batchnorm") -> nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` with ours (``to="batchnorm"``) or ours with
+    torch's (``to="torch"``), in place, returning the model (a new object if ``module`` itself was
+    a BN layer). Subclasses of either are left alone: they may add behaviour we cannot copy.
+    """
+    if to == "batchnorm":
+        return _convert(module, _TO_OURS)
+    if to == "torch":
+        return _convert(module, _TO_TORCH)
+    raise ValueError(f"to must be 'batchnorm' or 'torch', got {to!r}")
