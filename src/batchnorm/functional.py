@@ -15,6 +15,9 @@ leaves every buffer exactly as it was.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -43,11 +46,16 @@ def decay_from_momentum(momentum: float) -> float:
     return 1.0 - momentum
 
 
+def _is_real(v: object) -> bool:
+    """A real number (Python or NumPy scalar), but not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def check_hyperparameters(eps: float, momentum: float | None) -> None:
     """``eps`` > 0 and ``momentum`` in [0, 1] (or None), else a ValueError that says so."""
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive number (e.g. 1e-5), got {eps!r}")
-    if momentum is not None and (not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0):
+    if not _is_real(eps) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite number (e.g. 1e-5), got {eps!r}")
+    if momentum is not None and (not _is_real(momentum) or not 0.0 <= momentum <= 1.0):
         raise ValueError(
             f"momentum must be in [0, 1] (PyTorch convention: weight of the new batch) or None "
             f"for a cumulative average, got {momentum!r}; a Keras/Flax decay d is momentum 1 - d"
@@ -68,7 +76,9 @@ def check_input(
         )
     if dims is not None and x.dim() not in dims:
         want = " or ".join(f"{d}-D" for d in dims)
-        raise ValueError(f"{layer}: expected {want} input, got {x.dim()}-D input of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{layer}: expected {want} input, got {x.dim()}-D input of shape {tuple(x.shape)}"
+        )
     if x.dim() < 2:
         raise ValueError(
             f"{layer}: expected input of shape (N, C, ...), got shape {tuple(x.shape)}; "
@@ -89,7 +99,9 @@ def check_input(
 
 def _check_param(name: str, t: Tensor | None, c: int) -> None:
     if t is not None and (t.dim() != 1 or t.shape[0] != c):
-        raise ValueError(f"{name} must have shape ({c},) to match the input's channels, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({c},) to match the input's {c} channels, got {tuple(t.shape)}"
+        )
 
 
 def update_running_stats(

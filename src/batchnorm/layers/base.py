@@ -31,10 +31,14 @@ class BatchNormBase(nn.Module):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int (the channel count), got {num_features!r}")
+            raise ValueError(
+                f"num_features must be a positive int (the channel count), got {num_features!r}"
+            )
         BF.check_hyperparameters(eps, momentum)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -44,7 +48,10 @@ class BatchNormBase(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))  # γ
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))  # β
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))  # β
+            else:  # torch.nn's keyword-only bias=False: a scale without a shift
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -74,26 +81,27 @@ class BatchNormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        # Checkpoints from before num_batches_tracked existed (version < 2) load with a zero counter.
+        # Checkpoints from before num_batches_tracked existed (version < 2) keep the current
+        # counter (zero for a fresh layer), as torch.nn does.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = (
-                self.num_batches_tracked
-                if self.num_batches_tracked is not None and self.num_batches_tracked.device != torch.device("meta")
-                else torch.tensor(0, dtype=torch.long)
-            )
+            nbt = self.num_batches_tracked
+            usable = nbt is not None and nbt.device != torch.device("meta")
+            state_dict[key] = nbt if usable else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -108,13 +116,14 @@ class BatchNormBase(nn.Module):
         )
 
     def _uses_batch_stats(self) -> bool:
-        """Mode comes from self.training alone; without running stats, batch stats are all we have."""
+        """Mode comes from self.training alone; without running stats, only batch stats exist."""
         return self.training or self.running_mean is None
 
     def _running_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """Buffers this call reads or updates: running stats in eval, or in training when tracked."""
+        """Buffers this call reads or updates: running stats in eval, or in training if tracked."""
         if not self.training or self.track_running_stats:
-            return self.running_mean, self.running_var, self.num_batches_tracked if self.training else None
+            nbt = self.num_batches_tracked if self.training else None
+            return self.running_mean, self.running_var, nbt
         return None, None, None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,18 +10,18 @@ from .base import BatchNormBase
 
 
 class BatchNorm1d(BatchNormBase):
-    """BN over (N, C) or (N, C, L) input; same arguments and state_dict as ``torch.nn.BatchNorm1d``."""
+    """BN over (N, C) or (N, C, L) input; arguments and state_dict as ``torch.nn.BatchNorm1d``."""
 
     _dims = (2, 3)
 
 
 class BatchNorm2d(BatchNormBase):
-    """BN over (N, C, H, W) input, per channel; same arguments and state_dict as ``torch.nn.BatchNorm2d``."""
+    """Per-channel BN over (N, C, H, W); arguments and state_dict as ``torch.nn.BatchNorm2d``."""
 
     _dims = (4,)
 
 
 class BatchNorm3d(BatchNormBase):
-    """BN over (N, C, D, H, W) input, per channel; same arguments and state_dict as ``torch.nn.BatchNorm3d``."""
+    """Per-channel BN over (N, C, D, H, W); arguments, state_dict as ``torch.nn.BatchNorm3d``."""
 
     _dims = (5,)

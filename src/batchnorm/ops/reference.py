@@ -32,12 +32,30 @@ def values_per_channel(x: Tensor) -> int:
     return x.numel() // max(x.shape[1], 1) if x.dim() >= 2 else x.numel()
 
 
+def centered(xa: Tensor, approx_mean: Tensor) -> tuple[Tensor, Tensor]:
+    """x_i − μ_B accurately, given a rounded μ_B; also returns the correction mean(x − approx).
+
+    A float32 mean of data like 1e4 ± 1e-2 is itself rounded by ~5e-4 (its ulp), i.e. 5% of σ.
+    Shifting by that rounded mean first is exact for clustered data (Sterbenz), and the mean of
+    the small differences is accurate, so (x − shift) − mean(x − shift) keeps full precision.
+    """
+    dims = reduce_dims(xa)
+    d = xa - channel_view(approx_mean.to(xa.dtype), xa)
+    correction = d.mean(dim=dims)
+    return d - channel_view(correction, xa), correction
+
+
+def _stats_and_centered(xa: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dims = reduce_dims(xa)
+    shift = xa.mean(dim=dims)  # μ_B = 1/m Σ x_i (rounded; refined below)
+    xc, correction = centered(xa, shift)  # x_i − μ_B
+    var = xc.square().mean(dim=dims)  # σ²_B = 1/m Σ (x_i − μ_B)²
+    return shift + correction, var, xc
+
+
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """μ_B and the biased σ²_B per channel, two-pass (no E[x²]−E[x]² cancellation)."""
-    xa = x.to(acc_dtype(x.dtype))
-    dims = reduce_dims(x)
-    mean = xa.mean(dim=dims)  # μ_B = 1/m Σ x_i
-    var = (xa - channel_view(mean, x)).square().mean(dim=dims)  # σ²_B = 1/m Σ (x_i − μ_B)²
+    mean, var, _ = _stats_and_centered(x.to(acc_dtype(x.dtype)))
     return mean, var
 
 
@@ -46,22 +64,27 @@ def normalize(
 ) -> Tensor:
     """y = γ·(x − μ)/sqrt(σ² + ε) + β, computed in the accumulation dtype, returned in x's."""
     xa = x.to(acc_dtype(x.dtype))
-    invstd = torch.rsqrt(var.to(xa.dtype) + eps)
-    x_hat = (xa - channel_view(mean.to(xa.dtype), x)) * channel_view(invstd, x)  # x̂_i
-    y = x_hat
+    return _scale_shift(xa - channel_view(mean.to(xa.dtype), x), var, weight, bias, eps).to(x.dtype)
+
+
+def _scale_shift(
+    xc: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    invstd = torch.rsqrt(var.to(xc.dtype) + eps)
+    y = xc * channel_view(invstd, xc)  # x̂_i = (x_i − μ_B) / sqrt(σ²_B + ε)
     if weight is not None:
-        y = y * channel_view(weight.to(xa.dtype), x)  # γ x̂_i
+        y = y * channel_view(weight.to(xc.dtype), xc)  # γ x̂_i
     if bias is not None:
-        y = y + channel_view(bias.to(xa.dtype), x)  # + β
-    return y.to(x.dtype)
+        y = y + channel_view(bias.to(xc.dtype), xc)  # + β
+    return y
 
 
 def forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Algorithm 1 on a training mini-batch. Returns (y, μ_B, σ²_B biased)."""
-    mean, var = batch_stats(x)
-    return normalize(x, mean, var, weight, bias, eps), mean, var
+    mean, var, xc = _stats_and_centered(x.to(acc_dtype(x.dtype)))
+    return _scale_shift(xc, var, weight, bias, eps).to(x.dtype), mean, var
 
 
 def backward(
@@ -69,14 +92,15 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Section 3's chain rule, term by term. Returns (dL/dx, dL/dγ, dL/dβ).
 
-    dL/dγ and dL/dβ are returned even without affine parameters (callers drop them).
+    dL/dγ and dL/dβ are returned even without affine parameters (callers drop them), in γ's
+    dtype when γ is given (as the op's fake implementation declares), else the accumulation dtype.
     """
     acc = acc_dtype(x.dtype)
     dims = reduce_dims(x)
     m = values_per_channel(x)
     xa, dya = x.to(acc), dy.to(acc)
     mean, var = mean.to(acc), var.to(acc)
-    xc = xa - channel_view(mean, x)  # x_i − μ_B
+    xc, _ = centered(xa, mean)  # x_i − μ_B (re-centred: the saved μ_B may be rounded)
     invstd = torch.rsqrt(var + eps)  # 1/sqrt(σ²_B + ε)
     gamma = weight.to(acc) if weight is not None else torch.ones_like(mean)
 
@@ -94,6 +118,8 @@ def backward(
     x_hat = xc * channel_view(invstd, x)
     dgamma = (dya * x_hat).sum(dims)  # dL/dγ = Σ_i dL/dy_i · x̂_i
     dbeta = dya.sum(dims)  # dL/dβ = Σ_i dL/dy_i
+    if weight is not None:
+        dgamma, dbeta = dgamma.to(weight.dtype), dbeta.to(weight.dtype)
     return dx.to(x.dtype), dgamma, dbeta
 
 
@@ -105,5 +131,5 @@ def eval_forward(
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """Inference (Algorithm 2, step 11): the fixed linear map y = γ/sqrt(Var+ε)·x + (β − γE/sqrt(Var+ε))."""
+    """Inference (Algorithm 2, step 11): y = γ/sqrt(Var+ε)·x + (β − γE/sqrt(Var+ε)), a fixed map."""
     return normalize(x, running_mean, running_var, weight, bias, eps)
