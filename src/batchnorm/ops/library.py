@@ -5,8 +5,8 @@
 so ``torch.compile`` and ``torch.export`` trace through them without graph breaks.
 
 Which code computes them is chosen per call by :func:`kernel_for`: the compiled CPU kernels
-(``ops/cpu.py``) for CPU tensors they support, the reference equations (``ops/reference.py``)
-everywhere else. ``BATCHNORM_BACKEND=reference`` (or :func:`set_backend`) forces the reference.
+(``ops/cpu.py``) for CPU tensors they support, PyTorch's native CUDA primitives (``ops/cuda.py``)
+on CUDA, the reference equations (``ops/reference.py``) everywhere else. ``BATCHNORM_BACKEND=reference`` (or :func:`set_backend`) forces the reference.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ def get_backend() -> str:
 
 def kernel_for(x: Tensor) -> ModuleType:
     """The module whose ``forward``/``backward`` compute this call: compiled CPU or reference."""
+    if _backend == "auto" and x.device.type == "cuda":
+        from . import cuda  # PyTorch's native CUDA primitives (verified in tests/test_cuda.py)
+
+        if cuda.supports(x):
+            return cuda
     if _backend == "auto" and x.device.type == "cpu":
         try:
             from . import cpu
