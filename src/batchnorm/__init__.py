@@ -4,7 +4,7 @@ The op (Algorithm 1 with the paper's hand-written backward, registered with ``to
 drop-in layers for ``torch.nn.BatchNorm1d/2d/3d``, and whole-model tools.
 """
 
-from . import functional
+from . import diagnostics, functional
 from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .ops import get_backend, set_backend
 from .tools import convert_model
@@ -21,3 +21,4 @@ __all__ = [
     "get_backend",
     "set_backend",
 ]
+__all__ += ["diagnostics"]
