@@ -5,7 +5,14 @@ drop-in layers for ``torch.nn.BatchNorm1d/2d/3d``, and whole-model tools.
 """
 
 from . import diagnostics, functional
-from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormBase,
+)
 from .ops import get_backend, set_backend
 from .tools import convert_model
 
@@ -22,3 +29,4 @@ __all__ = [
     "set_backend",
 ]
 __all__ += ["diagnostics"]
+__all__ += ["BatchNormAct1d", "BatchNormAct2d"]

@@ -119,3 +119,129 @@ def _fmt(x: Tensor) -> torch.memory_format:
 
 
 bn_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- eval forward (Algorithm 2)
+def eval_forward(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+    bias: Tensor | None, eps: float,
+) -> Tensor:
+    """Inference y = γ/sqrt(Var+ε)·(x − E) + β: one compiled pass on CPU when nothing needs a
+    gradient (and not while ``torch.compile`` traces); the differentiable reference otherwise."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, running_mean, running_var, weight, bias)
+    )
+    if not needs_grad and not torch.compiler.is_compiling():
+        k = kernel_for(x)
+        if k.__name__.endswith(".cpu"):
+            return k.eval_forward(x, running_mean, running_var, weight, bias, eps)
+    return reference.eval_forward(x, running_mean, running_var, weight, bias, eps)
+
+
+# ---------------------------------------------------------------- fused BN + activation
+# act(γ x̂ + β) in one op whose backward keeps ONE activation-sized tensor: the output y when the
+# activation and the affine map can be inverted (leaky ReLU / identity, |γ| not tiny: in-place
+# activated BN, Rota Bulò et al. 2018), else the input x (ReLU: y = 0 hides x̂, which dL/dx needs).
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}  # == cpu.ACT_NONE / ACT_RELU / ACT_LEAKY
+SAVE_INPUT, SAVE_OUTPUT = 1, 2  # == cpu.SAVED_X_ACT / cpu.SAVED_Y
+
+
+def _act_torch(z: Tensor, act: int, slope: float) -> Tensor:
+    if act == 1:
+        return torch.relu(z)
+    if act == 2:
+        return torch.nn.functional.leaky_relu(z, slope)
+    return z
+
+
+def _act_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: int, slope: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(act(BN(x)), μ_B, σ²_B biased); the statistics in float64 so backward recomputes z exactly."""
+    k = kernel_for(x)
+    if k.__name__.endswith(".cpu"):
+        return k.forward_act(x, weight, bias, eps, act, slope)
+    y, mean, var = k.forward(x, weight, bias, eps)
+    return _act_torch(y, act, slope), mean.double(), var.double()
+
+
+def _act_backward_reference(dy, saved, mean, var, weight, bias, eps, mode, slope):
+    if mode == SAVE_INPUT:  # z recomputed from x; dz = act'(z)·dy; then the plain BN backward
+        z = reference.normalize(saved, mean, var, weight, bias, eps)
+        dz = torch.where(z > 0, dy, dy * slope)
+        return reference.backward(dz, saved, mean, var, weight, eps)
+    acc = reference.acc_dtype(saved.dtype)
+    y, g = saved.to(acc), dy.to(acc)
+    neg = y < 0
+    z = torch.where(neg, y / slope, y)  # z = act⁻¹(y)
+    dz = torch.where(neg, g * slope, g)
+    gamma = weight.to(acc) if weight is not None else torch.ones_like(mean, dtype=acc)
+    beta = bias.to(acc) if bias is not None else torch.zeros_like(mean, dtype=acc)
+    cv = lambda v: reference.channel_view(v.to(acc), y)  # noqa: E731
+    x_hat = (z - cv(beta)) / cv(gamma)  # x̂ = (z − β)/γ
+    dims, m = reference.reduce_dims(y), reference.values_per_channel(y)
+    dbeta, dgamma = dz.sum(dims), (dz * x_hat).sum(dims)
+    scale = gamma * torch.rsqrt(var.to(acc) + eps)
+    dx = cv(scale) * (dz - cv(dbeta) / m - x_hat * cv(dgamma) / m)  # Section 3, collapsed
+    if weight is not None:
+        dgamma, dbeta = dgamma.to(weight.dtype), dbeta.to(weight.dtype)
+    return dx.to(saved.dtype), dgamma, dbeta
+
+
+@torch.library.custom_op("batchnorm::bn_act_backward", mutates_args=())
+def bn_act_backward(
+    dy: Tensor, saved: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+    bias: Tensor | None, eps: float, mode: int, slope: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dx, dL/dγ, dL/dβ) from the saved x (mode SAVE_INPUT) or the saved y (SAVE_OUTPUT)."""
+    k = kernel_for(saved)
+    if k.__name__.endswith(".cpu"):
+        return k.backward_act(dy, saved, mean, var, weight, bias, eps, mode, slope)
+    return _act_backward_reference(dy, saved, mean, var, weight, bias, eps, mode, slope)
+
+
+@bn_act_backward.register_fake
+def _(dy, saved, mean, var, weight, bias, eps, mode, slope):
+    c = saved.shape[1]
+    pdtype = weight.dtype if weight is not None else _stat_dtype(saved)
+    return torch.empty_like(saved), saved.new_empty((c,), dtype=pdtype), saved.new_empty((c,), dtype=pdtype)
+
+
+@torch.library.custom_op("batchnorm::bn_act", mutates_args=())
+def bn_act(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: int, slope: float,
+    save: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable fused BN + activation; ``save`` picks what backward keeps (SAVE_INPUT/OUTPUT)."""
+    return _act_forward(x, weight, bias, eps, act, slope)
+
+
+@bn_act.register_fake
+def _(x, weight, bias, eps, act, slope, save):
+    stat = x.new_empty((x.shape[1],), dtype=torch.float64)
+    return torch.empty_like(x), stat, stat.clone()
+
+
+def _act_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, eps, act, slope, save = inputs
+    y, mean, var = output
+    # ONE activation-sized tensor: y (invertible activation) or x (ReLU / tiny γ), plus (C,) vectors.
+    ctx.save_for_backward(y if save == SAVE_OUTPUT else x, weight, bias, mean, var)
+    ctx.eps, ctx.slope, ctx.save = eps, (0.0 if act == 1 else slope if act == 2 else 1.0), save
+
+
+def _act_backward(ctx, dy, _dmean, _dvar):
+    saved, weight, bias, mean, var = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if not (need_x or need_w or need_b):
+        return None, None, None, None, None, None, None
+    dx, dgamma, dbeta = bn_act_backward(
+        dy.contiguous(memory_format=_fmt(saved)), saved, mean, var, weight, bias, ctx.eps,
+        ctx.save, ctx.slope,
+    )
+    dw = dgamma if (weight is not None and need_w) else None
+    db = dbeta.to(bias.dtype) if (bias is not None and need_b) else None
+    return (dx if need_x else None), dw, db, None, None, None, None
+
+
+bn_act.register_autograd(_act_backward, setup_context=_act_setup_context)

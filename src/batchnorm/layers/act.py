@@ -1,0 +1,123 @@
+"""``BatchNormAct1d/2d``: BN followed by an activation in one op that saves one tensor for backward.
+
+``torch.nn.BatchNorm2d`` + ``torch.nn.ReLU`` keep two activation-sized tensors for backward (BN's
+input and ReLU's output). The fused op keeps one:
+
+- ``leaky_relu`` / ``identity``: the OUTPUT y only (in-place activated BN, Rota Bulò et al. 2018).
+  Backward inverts the activation (z = y, or y/slope where y < 0) and the affine map
+  (x̂ = (z − β)/γ), then applies Section 3's equations. The inversion divides by γ, so it is used
+  only while every |γ_c| ≥ √ε_dtype · max(1, |β_c|) (ε_dtype: the dtype's machine epsilon, so x̂
+  keeps about half the dtype's digits even in the worst case); a call with a smaller |γ_c| — e.g.
+  a zero-initialised γ — saves the input x instead, which is exact and no larger.
+- ``relu``: the INPUT x. ReLU is not invertible: where y = 0, x̂ is lost, yet dL/dx_i there is
+  −γ/σ·(mean(dz) + x̂_i·mean(dz·x̂)) ≠ 0 (x_i still moves μ_B and σ²_B). Backward recomputes
+  z = γ x̂ + β from x for the mask, so memory is still one tensor (PyTorch keeps two).
+
+Under ``torch.compile`` the leaky/identity layers save x (the γ check would be a graph break).
+Parameters, buffers and ``state_dict`` are those of ``torch.nn.BatchNorm1d/2d``, so weights trained
+with separate BN and activation layers load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import functional as BF
+from ..ops import library
+from ..ops.reference import values_per_channel
+from .base import BatchNormBase
+
+
+class _BatchNormAct(BatchNormBase):
+    def __init__(
+        self,
+        num_features: int,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        if activation not in library.ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(library.ACTIVATIONS)}, got {activation!r}"
+            )
+        if activation == "leaky_relu" and not (
+            isinstance(negative_slope, (int, float)) and negative_slope > 0
+        ):
+            raise ValueError(
+                f"negative_slope must be > 0 for leaky_relu (the output is inverted in backward), "
+                f"got {negative_slope!r}; use activation='relu' for a slope of 0"
+            )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}{slope}"
+
+    def _act(self) -> tuple[int, float]:
+        return library.ACTIVATIONS[self.activation], self.negative_slope
+
+    def _save_mode(self, x: Tensor) -> int:
+        """SAVE_OUTPUT when y can be inverted accurately, else SAVE_INPUT (see module docstring)."""
+        if self.activation == "relu" or torch.compiler.is_compiling():
+            return library.SAVE_INPUT
+        if self.weight is None:
+            return library.SAVE_OUTPUT
+        with torch.no_grad():
+            tol = torch.finfo(x.dtype).eps ** 0.5
+            ok = bool((self.weight.abs() >= tol * self.bias.abs().clamp_min(1.0)).all())
+        return library.SAVE_OUTPUT if ok else library.SAVE_INPUT
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        act, slope = self._act()
+        if not self._uses_batch_stats():  # inference: one fused scale-shift-activation pass
+            needs_grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, self.weight, self.bias)
+            )
+            if not needs_grad and not torch.compiler.is_compiling():
+                k = library.kernel_for(x)
+                if k.__name__.endswith(".cpu"):
+                    return k.eval_forward(
+                        x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                        act, slope,
+                    )
+            y = library.eval_forward(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+            return library._act_torch(y, act, slope)
+
+        rm, rv, nbt = self._running_buffers()
+        y, mean, var = library.bn_act(
+            x, self.weight, self.bias, float(self.eps), act, slope, self._save_mode(x)
+        )
+        if rm is not None:  # the same EMA as functional.batch_norm (unbiased σ²_B)
+            if nbt is not None:
+                with torch.no_grad():
+                    nbt.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(nbt.item())
+            BF.update_running_stats(
+                rm, rv, mean.detach(), var.detach(), values_per_channel(x), factor
+            )
+        return y
+
+
+class BatchNormAct1d(_BatchNormAct):
+    """Fused BN + activation over (N, C) or (N, C, L); ``state_dict`` of ``torch.nn.BatchNorm1d``."""
+
+    _dims = (2, 3)
+
+
+class BatchNormAct2d(_BatchNormAct):
+    """Fused BN + activation over (N, C, H, W); ``state_dict`` of ``torch.nn.BatchNorm2d``."""
+
+    _dims = (4,)

@@ -1,0 +1,615 @@
+"""Compiled CPU kernels (numba, ``parallel=True``, ``cache=True``) with ``reference.py``'s semantics.
+
+Imported lazily by ``library.kernel_for`` on the first CPU call, never by ``import batchnorm``;
+each kernel is compiled on its first use per dtype and cached on disk by numba.
+
+Memory passes (the reason this is faster than ``torch.nn``): the training forward reads x once
+for the statistics (each work item is a block of ≤ 4096 values that stays in L1 for its second,
+exact pass) and once more to write y; the backward reads (dy, x) once for the two per-channel sums
+Σdy and Σdy·(x−μ), and once more to write dx — eight passes over an activation in all.
+
+Numerics: per block, the sum and the sum of squares are taken of values shifted by the block's
+first value and then about the block mean, so there is no E[x²]−E[x]² cancellation; blocks are
+merged in float64 with Chan et al.'s formula (Σ M2_b + Σ n_b(μ_b − μ)²). The mean is carried as
+a float32 pair (μ_hi + μ_lo) so that x − μ_hi is exact for data with a large offset.
+
+Layouts: a contiguous (N, C, *S) tensor is viewed as planes (N, C, L); a channels_last one (and a
+(N, C) one) as rows (R, C) with the channels contiguous. Parallel work items are blocks of
+planes, or chunks of rows with per-chunk partial sums, so a few channels still use both cores.
+float32 and float64 run natively; bfloat16 is converted to float32 with torch around the
+kernels (one extra pass each way, documented in docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+
+_FM = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no nnan/ninf: NaN and inf still propagate
+_PAR = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
+_SER = dict(cache=True, fastmath=_FM, nogil=True)
+_BLOCK = 4096  # planes: values per work item (16 KB float32, in L1 for the block's second pass)
+_SUB = 32768  # rows: values per sub-block of a chunk (128 KB float32, in L2)
+_NATIVE = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+# Activation / saved-tensor modes shared by the fused kernels.
+ACT_NONE, ACT_RELU, ACT_LEAKY = 0, 1, 2
+SAVED_X, SAVED_X_ACT, SAVED_Y = 0, 1, 2  # backward from x, from x through an activation, from y
+
+
+# ====================================================================== statistics (Algorithm 1)
+@njit(**_PAR)
+def _planes_stats(x, bs, pmean, pm2, pcnt):
+    n_, c_, l_ = x.shape
+    nb = (l_ + bs - 1) // bs
+    for it in prange(n_ * c_ * nb):
+        p = it // nb
+        n = p // c_
+        c = p - n * c_
+        lo = (it - p * nb) * bs
+        hi = min(lo + bs, l_)
+        row = x[n, c]
+        sh = row[lo]
+        s = sh - sh
+        for i in range(lo, hi):
+            s += row[i] - sh  # shifted sum: no large-offset rounding
+        dm = s / x.dtype.type(hi - lo)
+        q = sh - sh
+        for i in range(lo, hi):
+            d = (row[i] - sh) - dm  # second pass over an in-cache block
+            q += d * d
+        pmean[it] = np.float64(sh) + np.float64(dm)
+        pm2[it] = q
+        pcnt[it] = hi - lo
+
+
+@njit(**_PAR)
+def _planes_merge(pmean, pm2, pcnt, n_, c_, nb, mean, var):
+    for c in prange(c_):
+        s = 0.0
+        tot = 0.0
+        for n in range(n_):
+            base = (n * c_ + c) * nb
+            for b in range(nb):
+                s += pmean[base + b] * pcnt[base + b]
+                tot += pcnt[base + b]
+        mu = s / tot  # μ_B = 1/m Σ x_i
+        m2 = 0.0
+        for n in range(n_):
+            base = (n * c_ + c) * nb
+            for b in range(nb):
+                d = pmean[base + b] - mu
+                m2 += pm2[base + b] + pcnt[base + b] * d * d  # Chan: Σ M2_b + Σ n_b (μ_b − μ)²
+        mean[c] = mu
+        var[c] = m2 / tot  # σ²_B, biased
+
+
+@njit(**_PAR)
+def _rows_stats(x, nchunk, sub, pmean, pm2, pcnt):
+    r_, c_ = x.shape
+    for k in prange(nchunk):
+        r0 = k * r_ // nchunk
+        r1 = (k + 1) * r_ // nchunk
+        sh = np.empty(c_, x.dtype)
+        s = np.empty(c_, x.dtype)
+        q = np.empty(c_, x.dtype)
+        na = 0.0
+        for rs in range(r0, r1, sub):
+            re = min(rs + sub, r1)
+            kk = re - rs
+            for c in range(c_):
+                sh[c] = x[rs, c]
+                s[c] = 0
+                q[c] = 0
+            for r in range(rs, re):
+                for c in range(c_):
+                    s[c] += x[r, c] - sh[c]
+            inv = x.dtype.type(1.0 / kk)
+            for c in range(c_):
+                s[c] *= inv
+            for r in range(rs, re):
+                for c in range(c_):
+                    d = (x[r, c] - sh[c]) - s[c]
+                    q[c] += d * d
+            for c in range(c_):  # Chan et al.: merge this sub-block into the chunk's running stats
+                bm = np.float64(sh[c]) + np.float64(s[c])
+                if na == 0.0:
+                    pmean[k, c] = bm
+                    pm2[k, c] = q[c]
+                else:
+                    tot = na + kk
+                    delta = bm - pmean[k, c]
+                    pmean[k, c] += delta * (kk / tot)
+                    pm2[k, c] += q[c] + delta * delta * (na * kk / tot)
+            na += kk
+        pcnt[k] = na
+
+
+@njit(**_PAR)
+def _rows_merge(pmean, pm2, pcnt, mean, var):
+    nchunk, c_ = pmean.shape
+    for c in prange(c_):
+        s = 0.0
+        tot = 0.0
+        for k in range(nchunk):
+            s += pmean[k, c] * pcnt[k]
+            tot += pcnt[k]
+        mu = s / tot
+        m2 = 0.0
+        for k in range(nchunk):
+            d = pmean[k, c] - mu
+            m2 += pm2[k, c] + pcnt[k] * d * d
+        mean[c] = mu
+        var[c] = m2 / tot
+
+
+# ====================================================================== y = act(γ x̂ + β)
+@njit(**_SER)
+def _affine_coef(mean, var, w, b, eps, mhi, a, bb):
+    """y = (x − μ_hi)·a + bb with a = γ/sqrt(σ²+ε), bb = β − μ_lo·a (μ = μ_hi + μ_lo)."""
+    for c in range(mean.shape[0]):
+        sc = w[c] / math.sqrt(var[c] + eps)
+        hi = mhi.dtype.type(mean[c])
+        mhi[c] = hi
+        a[c] = sc
+        bb[c] = b[c] - (mean[c] - np.float64(hi)) * sc
+
+
+@njit(**_PAR)
+def _planes_affine(x, y, mhi, a, bb, act, slope):
+    n_, c_, l_ = x.shape
+    for p in prange(n_ * c_):
+        n = p // c_
+        c = p - n * c_
+        xr = x[n, c]
+        yr = y[n, c]
+        m = mhi[c]
+        aa = a[c]
+        b0 = bb[c]
+        zero = m - m
+        sl = x.dtype.type(slope)
+        if act == ACT_NONE:
+            for i in range(l_):
+                yr[i] = (xr[i] - m) * aa + b0
+        elif act == ACT_RELU:
+            for i in range(l_):
+                z = (xr[i] - m) * aa + b0
+                yr[i] = zero if z < zero else z
+        else:
+            for i in range(l_):
+                z = (xr[i] - m) * aa + b0
+                yr[i] = z * sl if z < zero else z
+
+
+@njit(**_PAR)
+def _rows_affine(x, y, mhi, a, bb, act, slope, nchunk):
+    r_, c_ = x.shape
+    sl = x.dtype.type(slope)
+    for k in prange(nchunk):
+        r0 = k * r_ // nchunk
+        r1 = (k + 1) * r_ // nchunk
+        for r in range(r0, r1):
+            if act == ACT_NONE:
+                for c in range(c_):
+                    y[r, c] = (x[r, c] - mhi[c]) * a[c] + bb[c]
+            elif act == ACT_RELU:
+                for c in range(c_):
+                    z = (x[r, c] - mhi[c]) * a[c] + bb[c]
+                    y[r, c] = 0 if z < 0 else z
+            else:
+                for c in range(c_):
+                    z = (x[r, c] - mhi[c]) * a[c] + bb[c]
+                    y[r, c] = z * sl if z < 0 else z
+
+
+# ====================================================================== backward (Section 3)
+# u is what the backward reads per value: x − μ_hi (modes SAVED_X, SAVED_X_ACT) or the
+# pre-activation z recovered from y (SAVED_Y); x̂ = p·u + q per channel. dz is dy, or dy·slope
+# where z ≤ 0 (z recomputed from x: ReLU has slope 0) or y < 0 (leaky ReLU from its output).
+@njit(**_PAR)
+def _planes_bwd_reduce(dy, s, mode, mhi, a, bb, slope, bs, p1, p2, p3):
+    n_, c_, l_ = s.shape
+    nb = (l_ + bs - 1) // bs
+    for it in prange(n_ * c_ * nb):
+        p = it // nb
+        n = p // c_
+        c = p - n * c_
+        lo = (it - p * nb) * bs
+        hi = min(lo + bs, l_)
+        sr = s[n, c]
+        gr = dy[n, c]
+        m = mhi[c]
+        zero = m - m
+        s1 = zero
+        s2 = zero
+        s3 = zero
+        if mode == SAVED_X:
+            for i in range(lo, hi):
+                u = sr[i] - m
+                s1 += gr[i]  # Σ dL/dy_i
+                s2 += gr[i] * u  # Σ dL/dy_i (x_i − μ_hi)
+                s3 += u  # Σ (x_i − μ_hi): re-centres on the exact μ_B (the saved one is rounded)
+        elif mode == SAVED_X_ACT:
+            aa = a[c]
+            b0 = bb[c]
+            sl = s.dtype.type(slope)
+            for i in range(lo, hi):
+                u = sr[i] - m
+                g = gr[i] if u * aa + b0 > zero else gr[i] * sl  # z = γ x̂ + β recomputed
+                s1 += g
+                s2 += g * u
+                s3 += u
+        else:
+            sl = s.dtype.type(slope)
+            isl = s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
+            for i in range(lo, hi):
+                yv = sr[i]
+                neg = yv < zero
+                g = gr[i] * sl if neg else gr[i]
+                u = yv * isl if neg else yv
+                s1 += g
+                s2 += g * u
+        p1[it] = s1
+        p2[it] = s2
+        p3[it] = s3
+
+
+@njit(**_PAR)
+def _planes_sum(p1, p2, p3, n_, c_, nb, s1, s2, s3):
+    for c in prange(c_):
+        t1 = 0.0
+        t2 = 0.0
+        t3 = 0.0
+        for n in range(n_):
+            base = (n * c_ + c) * nb
+            for b in range(nb):
+                t1 += p1[base + b]
+                t2 += p2[base + b]
+                t3 += p3[base + b]
+        s1[c] = t1
+        s2[c] = t2
+        s3[c] = t3
+
+
+@njit(**_PAR)
+def _planes_bwd_dx(dy, s, dx, mode, mhi, a, bb, slope, ka, kb, kc):
+    n_, c_, l_ = s.shape
+    for p in prange(n_ * c_):
+        n = p // c_
+        c = p - n * c_
+        sr = s[n, c]
+        gr = dy[n, c]
+        out = dx[n, c]
+        m = mhi[c]
+        zero = m - m
+        A = ka[c]
+        B = kb[c]
+        K = kc[c]
+        if mode == SAVED_X:
+            for i in range(l_):
+                out[i] = A * gr[i] + B * (sr[i] - m) + K  # dL/dx_i, Section 3 collapsed
+        elif mode == SAVED_X_ACT:
+            aa = a[c]
+            b0 = bb[c]
+            sl = s.dtype.type(slope)
+            for i in range(l_):
+                u = sr[i] - m
+                g = gr[i] if u * aa + b0 > zero else gr[i] * sl
+                out[i] = A * g + B * u + K
+        else:
+            sl = s.dtype.type(slope)
+            isl = s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
+            for i in range(l_):
+                yv = sr[i]
+                neg = yv < zero
+                g = gr[i] * sl if neg else gr[i]
+                u = yv * isl if neg else yv
+                out[i] = A * g + B * u + K
+
+
+@njit(**_PAR)
+def _rows_bwd_reduce(dy, s, mode, mhi, a, bb, slope, nchunk, sub, p1, p2, p3):
+    r_, c_ = s.shape
+    for k in prange(nchunk):
+        r0 = k * r_ // nchunk
+        r1 = (k + 1) * r_ // nchunk
+        t1 = np.empty(c_, s.dtype)
+        t2 = np.empty(c_, s.dtype)
+        t3 = np.empty(c_, s.dtype)
+        sl = s.dtype.type(slope)
+        isl = s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
+        for c in range(c_):
+            p1[k, c] = 0.0
+            p2[k, c] = 0.0
+            p3[k, c] = 0.0
+        for rs in range(r0, r1, sub):
+            re = min(rs + sub, r1)
+            for c in range(c_):
+                t1[c] = 0
+                t2[c] = 0
+                t3[c] = 0
+            for r in range(rs, re):
+                if mode == SAVED_X:
+                    for c in range(c_):
+                        u = s[r, c] - mhi[c]
+                        t1[c] += dy[r, c]
+                        t2[c] += dy[r, c] * u
+                        t3[c] += u
+                elif mode == SAVED_X_ACT:
+                    for c in range(c_):
+                        u = s[r, c] - mhi[c]
+                        g = dy[r, c] if u * a[c] + bb[c] > 0 else dy[r, c] * sl
+                        t1[c] += g
+                        t2[c] += g * u
+                        t3[c] += u
+                else:
+                    for c in range(c_):
+                        yv = s[r, c]
+                        neg = yv < 0
+                        g = dy[r, c] * sl if neg else dy[r, c]
+                        u = yv * isl if neg else yv
+                        t1[c] += g
+                        t2[c] += g * u
+            for c in range(c_):  # flush float32 sub-block sums into float64
+                p1[k, c] += t1[c]
+                p2[k, c] += t2[c]
+                p3[k, c] += t3[c]
+
+
+@njit(**_PAR)
+def _rows_sum(p1, p2, p3, s1, s2, s3):
+    nchunk, c_ = p1.shape
+    for c in prange(c_):
+        t1 = 0.0
+        t2 = 0.0
+        t3 = 0.0
+        for k in range(nchunk):
+            t1 += p1[k, c]
+            t2 += p2[k, c]
+            t3 += p3[k, c]
+        s1[c] = t1
+        s2[c] = t2
+        s3[c] = t3
+
+
+@njit(**_PAR)
+def _rows_bwd_dx(dy, s, dx, mode, mhi, a, bb, slope, ka, kb, kc, nchunk):
+    r_, c_ = s.shape
+    sl = s.dtype.type(slope)
+    isl = s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
+    for k in prange(nchunk):
+        r0 = k * r_ // nchunk
+        r1 = (k + 1) * r_ // nchunk
+        for r in range(r0, r1):
+            if mode == SAVED_X:
+                for c in range(c_):
+                    dx[r, c] = ka[c] * dy[r, c] + kb[c] * (s[r, c] - mhi[c]) + kc[c]
+            elif mode == SAVED_X_ACT:
+                for c in range(c_):
+                    u = s[r, c] - mhi[c]
+                    g = dy[r, c] if u * a[c] + bb[c] > 0 else dy[r, c] * sl
+                    dx[r, c] = ka[c] * g + kb[c] * u + kc[c]
+            else:
+                for c in range(c_):
+                    yv = s[r, c]
+                    neg = yv < 0
+                    g = dy[r, c] * sl if neg else dy[r, c]
+                    u = yv * isl if neg else yv
+                    dx[r, c] = ka[c] * g + kb[c] * u + kc[c]
+
+
+@njit(**_SER)
+def _bwd_coef(s1, s2, s3, mode, var, w, b, eps, m, ka, kb, kc, dgamma):
+    """Per channel: dγ = Σdz·x̂, and dx = A·dz + B·u + K from Section 3's equations.
+
+    With x̂ = p·u + q: dx = γ/σ·(dz − Σdz/m − x̂·Σdz·x̂/m) (σ = sqrt(σ²_B + ε)).
+    """
+    for c in range(s1.shape[0]):
+        invstd = 1.0 / math.sqrt(var[c] + eps)
+        if mode == SAVED_Y:  # u = z = γ x̂ + β
+            p = 1.0 / w[c]
+            q = -b[c] / w[c]
+        else:  # u = x − μ_hi, x̂ = (u − mean(u))/σ
+            p = invstd
+            q = -(s3[c] / m) * invstd
+        dg = p * s2[c] + q * s1[c]  # dL/dγ = Σ dL/dy_i · x̂_i
+        A = w[c] * invstd
+        K = -A * dg / m
+        dgamma[c] = dg
+        ka[c] = A
+        kb[c] = K * p
+        kc[c] = -A * s1[c] / m + K * q
+
+
+# ====================================================================== torch-facing wrappers
+def supports(x: Tensor) -> bool:
+    """float32/float64/bfloat16 CPU tensors of rank 2–5, contiguous or channels_last, non-empty."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and 2 <= x.dim() <= 5
+        and x.numel() > 0
+        and _layout(x) is not None
+    )
+
+
+def _layout(x: Tensor) -> str | None:
+    if x.is_contiguous():
+        return "rows" if x.numel() == x.shape[0] * x.shape[1] else "planes"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "rows"
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "rows"
+    return None
+
+
+def _view(t: Tensor, layout: str) -> np.ndarray:
+    """Zero-copy numpy view: (N, C, L) planes or (R, C) rows."""
+    n, c = t.shape[0], t.shape[1]
+    if layout == "planes":
+        return t.detach().view(n, c, -1).numpy()
+    if t.is_contiguous():
+        return t.detach().view(n, c).numpy()
+    perm = (0, *range(2, t.dim()), 1)
+    return t.detach().permute(perm).view(-1, c).numpy()
+
+
+def _like(x: Tensor, t: Tensor) -> Tensor:
+    """t in x's memory format (a no-op when it already is)."""
+    if x.is_contiguous():
+        return t.contiguous()
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
+
+
+def _chunks(rows: int) -> int:
+    return max(1, min(rows, 4 * numba.get_num_threads()))
+
+
+def _f64(t: Tensor | None, c: int, fill: float) -> np.ndarray:
+    if t is None:
+        return np.full(c, fill)
+    return t.detach().to(torch.float64).contiguous().numpy()
+
+
+def _stats(xa: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    c = xa.shape[1]
+    mean, var = np.empty(c), np.empty(c)
+    if layout == "planes":
+        n, _, l_ = xa.shape
+        bs = min(_BLOCK, l_)
+        nb = (l_ + bs - 1) // bs
+        items = n * c * nb
+        pmean, pm2, pcnt = np.empty(items), np.empty(items), np.empty(items)
+        _planes_stats(xa, bs, pmean, pm2, pcnt)
+        _planes_merge(pmean, pm2, pcnt, n, c, nb, mean, var)
+    else:
+        r = xa.shape[0]
+        k = _chunks(r)
+        pmean, pm2, pcnt = np.empty((k, c)), np.empty((k, c)), np.empty(k)
+        _rows_stats(xa, k, max(1, _SUB // c), pmean, pm2, pcnt)
+        _rows_merge(pmean, pm2, pcnt, mean, var)
+    return mean, var
+
+
+def _apply(xa, ya, layout, mhi, a, bb, act, slope) -> None:
+    if layout == "planes":
+        _planes_affine(xa, ya, mhi, a, bb, act, slope)
+    else:
+        _rows_affine(xa, ya, mhi, a, bb, act, slope, _chunks(xa.shape[0]))
+
+
+def _native(x: Tensor) -> Tensor:
+    return x if x.dtype in _NATIVE else x.float()  # bfloat16 → float32 (keeps the memory format)
+
+
+def _np_dtype(x: Tensor):
+    return np.float64 if x.dtype == torch.float64 else np.float32
+
+
+def _stat_out(v: np.ndarray, x: Tensor) -> Tensor:
+    return torch.from_numpy(v).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def forward_act(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: int, slope: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training forward with a fused activation: (act(γ x̂ + β), μ_B, σ²_B biased in float64)."""
+    xn = _native(x)
+    layout = _layout(xn)
+    xa = _view(xn, layout)
+    c = xa.shape[1]
+    mean, var = _stats(xa, layout)
+    dt = _np_dtype(xn)
+    mhi, a, bb = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
+    _affine_coef(mean, var, _f64(weight, c, 1.0), _f64(bias, c, 0.0), float(eps), mhi, a, bb)
+    y = torch.empty_like(xn)
+    _apply(xa, _view(y, layout), layout, mhi, a, bb, act, float(slope))
+    return y.to(x.dtype), torch.from_numpy(mean), torch.from_numpy(var)
+
+
+def forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Algorithm 1 on a training batch: (y, μ_B, σ²_B biased), y in x's dtype and memory format."""
+    y, mean, var = forward_act(x, weight, bias, eps, ACT_NONE, 0.0)
+    sd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return y, mean.to(sd), var.to(sd)
+
+
+def eval_forward(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+    bias: Tensor | None, eps: float, act: int = ACT_NONE, slope: float = 0.0,
+) -> Tensor:
+    """Inference: one fused pass y = act((x − E[x])·γ/sqrt(Var[x]+ε) + β) (Algorithm 2)."""
+    xn = _native(x)
+    layout = _layout(xn)
+    xa = _view(xn, layout)
+    c = xa.shape[1]
+    dt = _np_dtype(xn)
+    mhi, a, bb = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
+    _affine_coef(
+        _f64(running_mean, c, 0.0), _f64(running_var, c, 1.0), _f64(weight, c, 1.0),
+        _f64(bias, c, 0.0), float(eps), mhi, a, bb,
+    )
+    y = torch.empty_like(xn)
+    _apply(xa, _view(y, layout), layout, mhi, a, bb, act, float(slope))
+    return y.to(x.dtype)
+
+
+def backward_act(
+    dy: Tensor, saved: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+    bias: Tensor | None, eps: float, mode: int, slope: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dx, dL/dγ, dL/dβ) from x (mode SAVED_X / SAVED_X_ACT) or from y (SAVED_Y)."""
+    sn = _native(saved)
+    layout = _layout(sn)
+    dyn = _like(sn, _native(dy))
+    sa, ga = _view(sn, layout), _view(dyn, layout)
+    c = sa.shape[1]
+    dt = _np_dtype(sn)
+    mean64 = mean.detach().to(torch.float64).numpy()
+    var64 = var.detach().to(torch.float64).numpy()
+    w64, b64 = _f64(weight, c, 1.0), _f64(bias, c, 0.0)
+    mhi, a, bb = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
+    _affine_coef(mean64, var64, w64, b64, float(eps), mhi, a, bb)
+    s1, s2, s3 = np.empty(c), np.empty(c), np.empty(c)
+    if layout == "planes":
+        n, _, l_ = sa.shape
+        bs = min(_BLOCK, l_)
+        nb = (l_ + bs - 1) // bs
+        p1, p2, p3 = np.empty(n * c * nb), np.empty(n * c * nb), np.empty(n * c * nb)
+        _planes_bwd_reduce(ga, sa, mode, mhi, a, bb, float(slope), bs, p1, p2, p3)
+        _planes_sum(p1, p2, p3, n, c, nb, s1, s2, s3)
+    else:
+        k = _chunks(sa.shape[0])
+        p1, p2, p3 = np.empty((k, c)), np.empty((k, c)), np.empty((k, c))
+        _rows_bwd_reduce(ga, sa, mode, mhi, a, bb, float(slope), k, max(1, _SUB // c), p1, p2, p3)
+        _rows_sum(p1, p2, p3, s1, s2, s3)
+    m = sa.size // c
+    ka, kb, kc = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
+    dgamma = np.empty(c)
+    _bwd_coef(s1, s2, s3, mode, var64, w64, b64, float(eps), float(m), ka, kb, kc, dgamma)
+    dx = torch.empty_like(sn)
+    dxa = _view(dx, layout)
+    if layout == "planes":
+        _planes_bwd_dx(ga, sa, dxa, mode, mhi, a, bb, float(slope), ka, kb, kc)
+    else:
+        _rows_bwd_dx(ga, sa, dxa, mode, mhi, a, bb, float(slope), ka, kb, kc, _chunks(sa.shape[0]))
+    dgamma_t, dbeta_t = _stat_out(dgamma, saved), _stat_out(s1, saved)
+    if weight is not None:  # reference.backward's contract: dγ, dβ in γ's dtype
+        dgamma_t, dbeta_t = dgamma_t.to(weight.dtype), dbeta_t.to(weight.dtype)
+    return dx.to(saved.dtype), dgamma_t, dbeta_t
+
+
+def backward(
+    dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Section 3's chain rule: (dL/dx, dL/dγ, dL/dβ); dγ, dβ in float32 (float64 for float64 x)."""
+    return backward_act(dy, x, mean, var, weight, None, eps, SAVED_X, 1.0)
