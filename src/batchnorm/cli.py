@@ -1,0 +1,159 @@
+"""The ``batchnorm`` command.
+
+    batchnorm reproduce NAME [--field-name VALUE ...] [--quick] [--out DIR] [--resume] [--quiet]
+    batchnorm report DIR
+
+``reproduce`` options come from the experiment's ``Config`` dataclass: each field ``foo_bar``
+is ``--foo-bar`` (bool fields: ``--foo-bar/--no-foo-bar``; ``metadata["choices"]`` restricts
+the values). Unknown options and bad values exit with status 2 and a message saying why.
+
+More subcommands: add ``"name": "module:function"`` to :data:`EXTRA_COMMANDS`; ``function(sub)``
+receives argparse's subparsers object, adds its parser with ``sub.add_parser(name, ...)`` and
+sets ``parser.set_defaults(func=handler)``, where ``handler(args) -> int`` is the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import typing
+from pathlib import Path
+
+from .experiments import EXPERIMENTS, load_experiment
+
+__all__ = ["EXTRA_COMMANDS", "build_parser", "main"]
+
+# subcommand name -> "module:function" adding it (see the module docstring)
+EXTRA_COMMANDS: dict[str, str] = {
+    "diagnose": "batchnorm.diagnostics.diagnose:add_command",
+}
+
+_CONVERT = {int: int, float: float, str: str}
+
+
+def _kebab(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _typed(tp: type, name: str):
+    def convert(text: str):
+        try:
+            return tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {tp.__name__} for --{name}, got {text!r}") from None
+    convert.__name__ = tp.__name__
+    return convert
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--kebab-case`` option per field of the dataclass ``cls`` (default: unset)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        helptext = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        opt = _kebab(f.name)
+        if tp is bool:
+            parser.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=f"{helptext} (default: {default})")
+            continue
+        origin = typing.get_origin(tp)
+        if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else str
+        if tp not in _CONVERT:
+            continue  # complex fields are config-file only
+        parser.add_argument(opt, dest=f.name, type=_typed(tp, f.name.replace("_", "-")),
+                            choices=f.metadata.get("choices"), default=None,
+                            metavar=f.metadata.get("metavar", tp.__name__.upper()),
+                            help=f"{helptext} (default: {default})")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; only the experiment named in ``argv`` (if any) is imported."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = argv[1] if len(argv) > 1 and argv[0] == "reproduce" else None
+    p = argparse.ArgumentParser(prog="batchnorm", allow_abbrev=False,
+                                description="Batch Normalization (Ioffe & Szegedy 2015): the paper's experiments.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    rep = sub.add_parser("reproduce", help="run one of the paper's experiments", allow_abbrev=False,
+                         description="Run an experiment; `batchnorm reproduce NAME --help` lists its options.")
+    rsub = rep.add_subparsers(dest="experiment", metavar="NAME", required=True)
+    for name in sorted(EXPERIMENTS):
+        if name != chosen:  # importing every experiment would be slow and fragile
+            rsub.add_parser(name, help=f"see `batchnorm reproduce {name} --help`", add_help=False)
+            continue
+        mod = load_experiment(name)
+        doc = (mod.__doc__ or "").strip().splitlines()
+        ep = rsub.add_parser(name, help=doc[0] if doc else name, allow_abbrev=False,
+                             description=doc[0] if doc else None)
+        add_config_options(ep, mod.Config)
+        ep.add_argument("--quick", action="store_true", help="start from Config.quick() (the CI-sized run)")
+        ep.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/{name})")
+        ep.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        ep.add_argument("--quiet", action="store_true", help="no progress bars")
+        ep.set_defaults(func=_cmd_reproduce, _module=mod, _parser=ep)
+
+    r = sub.add_parser("report", help="re-render report.html from a run directory", allow_abbrev=False)
+    r.add_argument("run_dir", type=Path, metavar="DIR")
+    r.set_defaults(func=_cmd_report)
+
+    for target in EXTRA_COMMANDS.values():
+        mod_name, _, fn = target.partition(":")
+        getattr(importlib.import_module(mod_name), fn)(sub)
+    return p
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    mod, parser = args._module, args._parser
+    cls = mod.Config
+    base = cls.quick() if args.quick else cls()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                 if getattr(args, f.name, None) is not None}
+    try:
+        cfg = dataclasses.replace(base, **overrides)  # __post_init__ validates
+    except (ValueError, TypeError) as e:
+        parser.error(f"reproduce {args.experiment}: {e}")
+    out = args.out or Path("runs") / args.experiment
+    try:
+        summary = mod.run(cfg, out, resume=args.resume, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with the same command plus --resume (run directory {out})",
+              file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        print(f"batchnorm reproduce {args.experiment}: error: {e}", file=sys.stderr)
+        return 1
+    from .experiments.report import render_report
+
+    page = render_report(out)
+    if not args.quiet:
+        print(mod.describe(summary) if hasattr(mod, "describe") else "")
+    print(f"report: {page.resolve()}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .experiments.report import render_report
+
+    try:
+        page = render_report(args.run_dir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"batchnorm report: error: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {page.resolve()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Building blocks every experiment uses: run directory, atomic files, metrics, checkpoints, RNG.
+
+A run directory holds ``config.json`` (the experiment name, its config, library versions),
+``metrics.jsonl`` (one JSON object per line, appended as training goes), ``checkpoint*.pt``
+(written atomically every N steps, with every RNG state needed for an exact resume),
+``summary.json``, ``*.png`` and ``report.html``.
+
+Typical use inside an experiment's ``run``::
+
+    out = prepare_run_dir(out, "fig1", cfg, resume=resume)
+    ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
+    log = MetricsLog(out / "metrics.jsonl", keep=lambda r: r["step"] <= ckpt["step"] if ckpt else False)
+    for step in progress(range(start, cfg.steps), "train", quiet=quiet):
+        ...; log.append({"step": step, "loss": loss})
+        if step % cfg.checkpoint_every == 0:
+            save_checkpoint(out / "checkpoint.pt", step=step, model=model.state_dict())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MetricsLog",
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "config_from_dict",
+    "env_info",
+    "get_rng_state",
+    "load_checkpoint",
+    "prepare_run_dir",
+    "progress",
+    "read_json",
+    "read_metrics",
+    "save_checkpoint",
+    "seed_everything",
+    "set_rng_state",
+    "Stopwatch",
+]
+
+
+# ---------------------------------------------------------------- atomic files
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """JSON (indented, UTF-8), written atomically."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` written atomically (a kill mid-write leaves the old file intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------- metrics
+class MetricsLog:
+    """Append-only JSON-lines log. ``keep`` (given on resume) filters the existing records once,
+    dropping what was logged after the checkpoint the run resumes from; without ``keep`` the
+    file is started afresh."""
+
+    def __init__(self, path: str | os.PathLike, keep: Callable[[dict], bool] | None = None):
+        self.path = Path(path)
+        old = read_metrics(self.path) if self.path.exists() else []
+        kept = [r for r in old if keep(r)] if keep is not None else []
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self.records = kept
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+        self.records.append(record)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All complete records of a metrics.jsonl (a torn last line from a kill is ignored)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+# ---------------------------------------------------------------- RNG and checkpoints
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global RNG and torch's default generator."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state(*generators: torch.Generator) -> dict:
+    """Every RNG state a run depends on: Python, numpy, torch's default, and ``generators``."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def set_rng_state(state: dict, *generators: torch.Generator) -> None:
+    """Restore what :func:`get_rng_state` returned (same generators, same order)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if len(state["generators"]) != len(generators):
+        raise ValueError(f"checkpoint holds {len(state['generators'])} generator states, got {len(generators)} generators")
+    for g, s in zip(generators, state["generators"], strict=True):
+        g.set_state(s)
+
+
+def save_checkpoint(path: str | os.PathLike, *, step: int, generators: Iterable[torch.Generator] = (), **state: Any) -> Path:
+    """Atomically save ``state`` (state_dicts, tensors, lists) plus ``step`` and all RNG states."""
+    return atomic_save({"step": int(step), "rng": get_rng_state(*generators), **state}, path)
+
+
+def load_checkpoint(path: str | os.PathLike, *, generators: Iterable[torch.Generator] = ()) -> dict | None:
+    """The saved dict (RNG states restored into the global RNGs and ``generators``), or None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    set_rng_state(ckpt["rng"], *generators)
+    return ckpt
+
+
+# ---------------------------------------------------------------- run directory and config
+def config_from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config dataclass from ``config.json``'s ``"config"``; unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__qualname__}: unknown config keys {unknown}; known: {sorted(names)}")
+    return cls(**data)
+
+
+def env_info() -> dict:
+    """Library versions and machine facts for config.json and the report."""
+    import batchnorm
+
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "batchnorm": getattr(batchnorm, "__version__", "?"),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    for mod in ("matplotlib", "sklearn", "numba"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            pass
+    return info
+
+
+def prepare_run_dir(out: str | os.PathLike, name: str, cfg: Any, *, resume: bool) -> Path:
+    """Create ``out`` and write ``config.json``.
+
+    With ``resume`` the saved config must equal ``cfg`` (else ValueError: resuming with other
+    settings would not reproduce anything). Without it, an earlier run's files are removed.
+    """
+    out = Path(out)
+    cfg_dict = dataclasses.asdict(cfg)
+    cfg_path = out / "config.json"
+    if resume and cfg_path.exists():
+        saved = read_json(cfg_path)
+        if saved.get("experiment") != name or saved.get("config") != cfg_dict:
+            diff = {k: (saved.get("config", {}).get(k), v) for k, v in cfg_dict.items()
+                    if saved.get("config", {}).get(k) != v}
+            raise ValueError(
+                f"--resume: {out} holds a run of {saved.get('experiment')!r} with other settings "
+                f"(saved vs requested: {diff}); resume with the same options, or use another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for p in list(out.glob("checkpoint*.pt")) + [out / "metrics.jsonl", out / "summary.json", out / "report.html"]:
+            p.unlink(missing_ok=True)
+    atomic_write_json(cfg_path, {"experiment": name, "config": cfg_dict, "env": env_info()})
+    return out
+
+
+# ---------------------------------------------------------------- progress and time
+def progress(iterable: Iterable | None = None, desc: str = "", *, total: int | None = None,
+             initial: int = 0, quiet: bool = False, position: int | None = None):
+    """A tqdm bar (to stderr), or a silent pass-through when ``quiet``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=quiet,
+                position=position, leave=True, dynamic_ncols=True, mininterval=0.5)
+
+
+class Stopwatch:
+    """Wall time that survives a resume: ``elapsed`` = time before the checkpoint + time since."""
+
+    def __init__(self, before: float = 0.0):
+        self.before = float(before)
+        self.t0 = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.t0
