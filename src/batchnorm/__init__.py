@@ -12,9 +12,23 @@ from .layers import (
     BatchNormAct1d,
     BatchNormAct2d,
     BatchNormBase,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
 )
 from .ops import get_backend, set_backend
-from .tools import convert_model
+from .tools import (
+    convert_model,
+    fold_batchnorm,
+    freeze_batchnorm,
+    recompute_population_stats,
+    unfreeze_batchnorm,
+)
 
 __version__ = "0.1.0"
 
@@ -27,6 +41,11 @@ __all__ = [
     "functional",
     "get_backend",
     "set_backend",
+]
+__all__ += [
+    "BatchRenorm1d", "BatchRenorm2d", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "GhostBatchNorm1d",
+    "GhostBatchNorm2d", "SyncBatchNorm", "convert_sync_batchnorm", "fold_batchnorm",
+    "freeze_batchnorm", "recompute_population_stats", "unfreeze_batchnorm",
 ]
 __all__ += ["diagnostics"]
 __all__ += ["BatchNormAct1d", "BatchNormAct2d"]

@@ -1,0 +1,111 @@
+"""fold_batchnorm: the folded copy equals the eval-mode model; conv/linear, ±bias, grouped conv."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from batchnorm import BatchNorm1d, BatchNorm2d, fold_batchnorm
+from batchnorm.layers.base import BatchNormBase
+from batchnorm.tools.fold import ChannelAffine
+
+
+def _randomize_bn(model, gen):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (BatchNormBase, nn.modules.batchnorm._BatchNorm)):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(n, generator=gen, dtype=torch.float64) * 2 + 0.1)
+                if m.weight is not None:
+                    m.weight.copy_(torch.randn(n, generator=gen, dtype=torch.float64))
+                    m.bias.copy_(torch.randn(n, generator=gen, dtype=torch.float64))
+    return model
+
+
+def _check(model, x):
+    folded = fold_batchnorm(model)
+    assert model.training  # the original is untouched
+    bn_left = [m for m in folded.modules() if isinstance(m, (BatchNormBase, nn.modules.batchnorm._BatchNorm))]
+    assert not bn_left
+    torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-10, atol=1e-10)
+    return folded
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    dim=st.sampled_from([1, 2, 3]),
+    groups=st.sampled_from([1, 2]),
+    bias=st.booleans(),
+    ours=st.booleans(),
+    affine=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_bn_fold_equals_eval_model(dim, groups, bias, ours, affine, seed):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dim - 1]
+    bn = ([BatchNorm1d, BatchNorm2d, nn.BatchNorm3d] if ours else
+          [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d])[dim - 1]
+    model = nn.Sequential(
+        conv(4, 6, 3, groups=groups, bias=bias, padding=1), bn(6, affine=affine), nn.ReLU(),
+        conv(6, 4, 1, groups=2, bias=not bias), bn(4), bn(4),  # BN after BN: the second is an affine
+    ).double()
+    _randomize_bn(model, gen)
+    x = torch.randn((3, 4) + (5,) * dim, dtype=torch.float64, generator=gen)
+    folded = _check(model.train(), x)
+    assert isinstance(folded[1], nn.Identity) and isinstance(folded[5], ChannelAffine)
+    assert folded[0].bias is not None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_bn_fold_and_nested_modules(bias):
+    gen = torch.Generator().manual_seed(3)
+
+    class Block(nn.Module):  # BN wired in forward(): not "directly following" → ChannelAffine
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            return torch.tanh(self.bn(self.fc(x)))
+
+    model = nn.Sequential(nn.Linear(7, 5, bias=bias), BatchNorm1d(5), nn.Sigmoid(), Block(),
+                          nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))).double()
+    _randomize_bn(model, gen)
+    folded = _check(model, torch.randn(4, 7, dtype=torch.float64, generator=gen))
+    assert isinstance(folded[3].bn, ChannelAffine) and isinstance(folded[4][1], nn.Identity)
+
+
+def test_fold_float32_within_tolerance_and_bn_without_running_stats_left_alone():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1),
+                          nn.BatchNorm2d(8, track_running_stats=False))
+    _randomize_bn(nn.Sequential(model[1]), torch.Generator().manual_seed(0))
+    folded = fold_batchnorm(model)
+    assert isinstance(folded[3], nn.BatchNorm2d)
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_keeps_activation_of_fused_bn_act_layers():
+    class BNAct(BatchNorm2d):  # stands in for BatchNormAct2d: BN then self.activation
+        def __init__(self, c):
+            super().__init__(c)
+            self.activation = nn.ReLU()
+
+        def forward(self, x):
+            return self.activation(super().forward(x))
+
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BNAct(4), nn.Conv2d(4, 4, 3), nn.Identity(), BNAct(4)).double()
+    _randomize_bn(model, gen)
+    folded = _check(model, torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen))
+    assert isinstance(folded[1], nn.ReLU)
+    assert isinstance(folded[4], nn.Sequential) and isinstance(folded[4][1], nn.ReLU)
+
+
+def test_fold_rejects_non_modules():
+    with pytest.raises(TypeError, match="nn.Module"):
+        fold_batchnorm(lambda x: x)
