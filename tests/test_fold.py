@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from batchnorm import BatchNorm1d, BatchNorm2d, fold_batchnorm
+from batchnorm import BatchNorm1d, BatchNorm2d, BatchNormAct1d, BatchNormAct2d, fold_batchnorm
 from batchnorm.layers.base import BatchNormBase
 from batchnorm.tools.fold import ChannelAffine
 
@@ -33,7 +33,7 @@ def _check(model, x):
     return folded
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     dim=st.sampled_from([1, 2, 3]),
     groups=st.sampled_from([1, 2]),
@@ -89,21 +89,34 @@ def test_fold_float32_within_tolerance_and_bn_without_running_stats_left_alone()
     torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-def test_fold_keeps_activation_of_fused_bn_act_layers():
-    class BNAct(BatchNorm2d):  # stands in for BatchNormAct2d: BN then self.activation
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
+def test_fold_keeps_activation_of_fused_bn_act_layers(activation):
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, activation=activation, negative_slope=0.2),
+                          nn.Conv2d(4, 4, 3), nn.Identity(), BatchNormAct2d(4, activation=activation),
+                          nn.Flatten(), nn.Linear(64, 5), BatchNormAct1d(5, activation=activation))
+    model = model.double()
+    _randomize_bn(model, gen)
+    folded = _check(model, torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen))
+    kept = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "identity": nn.Identity}[activation]
+    assert isinstance(folded[1], kept) and isinstance(folded[7], kept)
+    assert isinstance(folded[4], ChannelAffine if activation == "identity" else nn.Sequential)
+
+
+def test_fold_keeps_a_module_activation_attribute():
+    class BNAct(BatchNorm2d):  # a user's fused layer: BN then self.activation (a module)
         def __init__(self, c):
             super().__init__(c)
-            self.activation = nn.ReLU()
+            self.activation = nn.Tanh()
 
         def forward(self, x):
             return self.activation(super().forward(x))
 
-    gen = torch.Generator().manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), BNAct(4), nn.Conv2d(4, 4, 3), nn.Identity(), BNAct(4)).double()
+    gen = torch.Generator().manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BNAct(4)).double()
     _randomize_bn(model, gen)
     folded = _check(model, torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen))
-    assert isinstance(folded[1], nn.ReLU)
-    assert isinstance(folded[4], nn.Sequential) and isinstance(folded[4][1], nn.ReLU)
+    assert isinstance(folded[1], nn.Tanh)
 
 
 def test_fold_rejects_non_modules():

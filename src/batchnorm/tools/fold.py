@@ -7,8 +7,8 @@ After a Conv or Linear with weight W and bias b (per output channel c):
 
 which holds for grouped convolutions and any padding mode too (output channels are axis 0 of W).
 Every other BN becomes a :class:`ChannelAffine` (y = s·x + t on axis 1). A fused BN + activation
-layer (any BN layer with an ``activation`` module attribute, such as ``BatchNormAct2d``) folds
-its BN part the same way and keeps the activation.
+layer (``BatchNormAct1d/2d``, or any BN layer with an ``activation`` module attribute) folds
+its BN part the same way and keeps the activation as a module after it.
 
 "Directly follows" means: adjacent children of an ``nn.Sequential`` (a Conv/Linear child at index
 i, the BN at i + 1). Layers wired together in a custom ``forward`` are not traced; their BN
@@ -66,15 +66,20 @@ def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _activation_of(bn: nn.Module) -> nn.Module | None:
+    """The activation a fused BN + activation layer applies after BN, as a module (or None)."""
     act = getattr(bn, "activation", None)
-    if act is None or isinstance(act, nn.Identity):
+    if act is None or act == "identity" or isinstance(act, nn.Identity):
         return None
-    if not isinstance(act, nn.Module):
-        raise TypeError(
-            f"fold_batchnorm: {type(bn).__name__}.activation must be an nn.Module to be kept after "
-            f"folding, got {type(act).__name__}"
-        )
-    return act
+    if isinstance(act, nn.Module):
+        return act
+    if act == "relu":  # BatchNormAct1d/2d name their activation
+        return nn.ReLU()
+    if act == "leaky_relu":
+        return nn.LeakyReLU(bn.negative_slope)
+    raise TypeError(
+        f"fold_batchnorm: cannot keep activation {act!r} of {type(bn).__name__}; expected an "
+        f"nn.Module or one of 'identity', 'relu', 'leaky_relu'"
+    )
 
 
 def _fold_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
