@@ -4,13 +4,13 @@ Imported lazily by ``library.kernel_for`` on the first CPU call, never by ``impo
 each kernel is compiled on its first use per dtype and cached on disk by numba.
 
 Memory passes (the reason this is faster than ``torch.nn``): the training forward reads x once
-for the statistics (each work item is a block of ≤ 4096 values that stays in L1 for its second,
-exact pass) and once more to write y; the backward reads (dy, x) once for the two per-channel sums
+for the statistics and once more to write y; the backward reads (dy, x) once for the two per-channel sums
 Σdy and Σdy·(x−μ), and once more to write dx — eight passes over an activation in all.
 
-Numerics: per block, the sum and the sum of squares are taken of values shifted by the block's
-first value and then about the block mean, so there is no E[x²]−E[x]² cancellation; blocks are
-merged in float64 with Chan et al.'s formula (Σ M2_b + Σ n_b(μ_b − μ)²). The mean is carried as
+Numerics: per block (≤ 4096 values, or ≤ 256 rows), the sum and the sum of squares are taken of
+d = x − x_first (exact for clustered data), so Σd² − (Σd)²/n cancels at most the block's own
+(x_first − μ_b)², not μ²: no E[x²]−E[x]² cancellation; blocks are merged in float64 with Chan
+et al.'s formula (Σ M2_b + Σ n_b(μ_b − μ)²). The mean is carried as
 a float32 pair (μ_hi + μ_lo) so that x − μ_hi is exact for data with a large offset.
 
 Layouts: a contiguous (N, C, *S) tensor is viewed as planes (N, C, L); a channels_last one (and a
@@ -30,11 +30,16 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-_FM = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no nnan/ninf: NaN and inf still propagate
+# No nnan/ninf: NaN and inf still propagate. "reassoc" (needed to vectorize a sum) only on the
+# reductions: on (x − μ_hi)·a + b it would let LLVM fold μ_hi into b and lose the exact centring.
+_FM_RED = {"nsz", "arcp", "contract", "reassoc", "afn"}
+_FM = {"nsz", "arcp", "contract", "afn"}
+_RED = dict(parallel=True, cache=True, fastmath=_FM_RED, nogil=True)
 _PAR = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
 _SER = dict(cache=True, fastmath=_FM, nogil=True)
 _BLOCK = 4096  # planes: values per work item (16 KB float32, in L1 for the block's second pass)
 _SUB = 32768  # rows: values per sub-block of a chunk (128 KB float32, in L2)
+_SERIAL_BELOW = 1 << 16  # fewer values than this: one thread (waking the pool costs more)
 _NATIVE = (torch.float32, torch.float64)
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -44,7 +49,7 @@ SAVED_X, SAVED_X_ACT, SAVED_Y = 0, 1, 2  # backward from x, from x through an ac
 
 
 # ====================================================================== statistics (Algorithm 1)
-@njit(**_PAR)
+@njit(**_RED)
 def _planes_stats(x, bs, pmean, pm2, pcnt):
     n_, c_, l_ = x.shape
     nb = (l_ + bs - 1) // bs
@@ -55,18 +60,18 @@ def _planes_stats(x, bs, pmean, pm2, pcnt):
         lo = (it - p * nb) * bs
         hi = min(lo + bs, l_)
         row = x[n, c]
-        sh = row[lo]
+        sh = row[lo]  # shift by a sample of the block: d = x − sh is exact for clustered data
         s = sh - sh
-        for i in range(lo, hi):
-            s += row[i] - sh  # shifted sum: no large-offset rounding
-        dm = s / x.dtype.type(hi - lo)
         q = sh - sh
         for i in range(lo, hi):
-            d = (row[i] - sh) - dm  # second pass over an in-cache block
+            d = row[i] - sh
+            s += d
             q += d * d
-        pmean[it] = np.float64(sh) + np.float64(dm)
-        pm2[it] = q
-        pcnt[it] = hi - lo
+        k = np.float64(hi - lo)
+        dm = np.float64(s) / k
+        pmean[it] = np.float64(sh) + dm
+        pm2[it] = max(np.float64(q) - np.float64(s) * dm, 0.0)  # Σ(d − mean d)², shifted data
+        pcnt[it] = k
 
 
 @njit(**_PAR)
@@ -90,7 +95,7 @@ def _planes_merge(pmean, pm2, pcnt, n_, c_, nb, mean, var):
         var[c] = m2 / tot  # σ²_B, biased
 
 
-@njit(**_PAR)
+@njit(**_RED)
 def _rows_stats(x, nchunk, sub, pmean, pm2, pcnt):
     r_, c_ = x.shape
     for k in prange(nchunk):
@@ -102,31 +107,28 @@ def _rows_stats(x, nchunk, sub, pmean, pm2, pcnt):
         na = 0.0
         for rs in range(r0, r1, sub):
             re = min(rs + sub, r1)
-            kk = re - rs
+            kk = np.float64(re - rs)
             for c in range(c_):
                 sh[c] = x[rs, c]
                 s[c] = 0
                 q[c] = 0
             for r in range(rs, re):
                 for c in range(c_):
-                    s[c] += x[r, c] - sh[c]
-            inv = x.dtype.type(1.0 / kk)
-            for c in range(c_):
-                s[c] *= inv
-            for r in range(rs, re):
-                for c in range(c_):
-                    d = (x[r, c] - sh[c]) - s[c]
+                    d = x[r, c] - sh[c]
+                    s[c] += d
                     q[c] += d * d
             for c in range(c_):  # Chan et al.: merge this sub-block into the chunk's running stats
-                bm = np.float64(sh[c]) + np.float64(s[c])
+                dm = np.float64(s[c]) / kk
+                bm = np.float64(sh[c]) + dm
+                bq = max(np.float64(q[c]) - np.float64(s[c]) * dm, 0.0)
                 if na == 0.0:
                     pmean[k, c] = bm
-                    pm2[k, c] = q[c]
+                    pm2[k, c] = bq
                 else:
                     tot = na + kk
                     delta = bm - pmean[k, c]
                     pmean[k, c] += delta * (kk / tot)
-                    pm2[k, c] += q[c] + delta * delta * (na * kk / tot)
+                    pm2[k, c] += bq + delta * delta * (na * kk / tot)
             na += kk
         pcnt[k] = na
 
@@ -212,7 +214,7 @@ def _rows_affine(x, y, mhi, a, bb, act, slope, nchunk):
 # u is what the backward reads per value: x − μ_hi (modes SAVED_X, SAVED_X_ACT) or the
 # pre-activation z recovered from y (SAVED_Y); x̂ = p·u + q per channel. dz is dy, or dy·slope
 # where z ≤ 0 (z recomputed from x: ReLU has slope 0) or y < 0 (leaky ReLU from its output).
-@njit(**_PAR)
+@njit(**_RED)
 def _planes_bwd_reduce(dy, s, mode, mhi, a, bb, slope, bs, p1, p2, p3):
     n_, c_, l_ = s.shape
     nb = (l_ + bs - 1) // bs
@@ -313,7 +315,7 @@ def _planes_bwd_dx(dy, s, dx, mode, mhi, a, bb, slope, ka, kb, kc):
                 out[i] = A * g + B * u + K
 
 
-@njit(**_PAR)
+@njit(**_RED)
 def _rows_bwd_reduce(dy, s, mode, mhi, a, bb, slope, nchunk, sub, p1, p2, p3):
     r_, c_ = s.shape
     for k in prange(nchunk):
@@ -472,6 +474,11 @@ def _chunks(rows: int) -> int:
     return max(1, min(rows, 4 * numba.get_num_threads()))
 
 
+def _sub_rows(c: int) -> int:
+    """Rows per sub-block: ≤ _SUB values in cache, and ≤ 256 float32 terms per running sum."""
+    return max(1, min(_SUB // c, 256))
+
+
 def _f64(t: Tensor | None, c: int, fill: float) -> np.ndarray:
     if t is None:
         return np.full(c, fill)
@@ -493,7 +500,7 @@ def _stats(xa: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray]:
         r = xa.shape[0]
         k = _chunks(r)
         pmean, pm2, pcnt = np.empty((k, c)), np.empty((k, c)), np.empty(k)
-        _rows_stats(xa, k, max(1, _SUB // c), pmean, pm2, pcnt)
+        _rows_stats(xa, k, _sub_rows(c), pmean, pm2, pcnt)
         _rows_merge(pmean, pm2, pcnt, mean, var)
     return mean, var
 
@@ -503,6 +510,22 @@ def _apply(xa, ya, layout, mhi, a, bb, act, slope) -> None:
         _planes_affine(xa, ya, mhi, a, bb, act, slope)
     else:
         _rows_affine(xa, ya, mhi, a, bb, act, slope, _chunks(xa.shape[0]))
+
+
+class _threads_for:
+    """Run the kernels on one thread for small tensors; restore numba's thread count after."""
+
+    def __init__(self, numel: int) -> None:
+        self.serial = numel < _SERIAL_BELOW
+
+    def __enter__(self) -> None:
+        if self.serial:
+            self.old = numba.get_num_threads()
+            numba.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.serial:
+            numba.set_num_threads(self.old)
 
 
 def _native(x: Tensor) -> Tensor:
@@ -521,6 +544,11 @@ def forward_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: int, slope: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward with a fused activation: (act(γ x̂ + β), μ_B, σ²_B biased in float64)."""
+    with _threads_for(x.numel()):
+        return _forward_act(x, weight, bias, eps, act, slope)
+
+
+def _forward_act(x, weight, bias, eps, act, slope):
     xn = _native(x)
     layout = _layout(xn)
     xa = _view(xn, layout)
@@ -548,6 +576,11 @@ def eval_forward(
     bias: Tensor | None, eps: float, act: int = ACT_NONE, slope: float = 0.0,
 ) -> Tensor:
     """Inference: one fused pass y = act((x − E[x])·γ/sqrt(Var[x]+ε) + β) (Algorithm 2)."""
+    with _threads_for(x.numel()):
+        return _eval_forward(x, running_mean, running_var, weight, bias, eps, act, slope)
+
+
+def _eval_forward(x, running_mean, running_var, weight, bias, eps, act, slope):
     xn = _native(x)
     layout = _layout(xn)
     xa = _view(xn, layout)
@@ -568,6 +601,11 @@ def backward_act(
     bias: Tensor | None, eps: float, mode: int, slope: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dx, dL/dγ, dL/dβ) from x (mode SAVED_X / SAVED_X_ACT) or from y (SAVED_Y)."""
+    with _threads_for(saved.numel()):
+        return _backward_act(dy, saved, mean, var, weight, bias, eps, mode, slope)
+
+
+def _backward_act(dy, saved, mean, var, weight, bias, eps, mode, slope):
     sn = _native(saved)
     layout = _layout(sn)
     dyn = _like(sn, _native(dy))
@@ -590,7 +628,7 @@ def backward_act(
     else:
         k = _chunks(sa.shape[0])
         p1, p2, p3 = np.empty((k, c)), np.empty((k, c)), np.empty((k, c))
-        _rows_bwd_reduce(ga, sa, mode, mhi, a, bb, float(slope), k, max(1, _SUB // c), p1, p2, p3)
+        _rows_bwd_reduce(ga, sa, mode, mhi, a, bb, float(slope), k, _sub_rows(c), p1, p2, p3)
         _rows_sum(p1, p2, p3, s1, s2, s3)
     m = sa.size // c
     ka, kb, kc = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)

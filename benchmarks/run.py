@@ -1,0 +1,213 @@
+"""CPU benchmark: this package's BN kernels vs torch.nn, ratios measured in one process.
+
+    python benchmarks/run.py            # full table (what `make bench` runs), ~2-4 min on 2 cores
+    python benchmarks/run.py --quick    # fewer repeats, a smoke run
+
+Prints, per shape: torch.nn time, ours, speed-up, achieved GB/s (passes × bytes / time) and that
+rate as a fraction of the measured copy bandwidth, for BN forward, BN forward+backward, and
+BN+ReLU forward+backward (fused ``BatchNormAct``) vs ``nn.BatchNorm2d`` + ``nn.ReLU``; bytes kept
+for backward per activation (``saved_tensors_hooks``); page faults per step; and a LeNet-style
+training step at batch 128 with and without BN. Times are medians of ``--repeats`` runs.
+Unless ``--no-warm`` is given, the table is repeated in a child process with glibc's
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import batchnorm as B
+
+SHAPES = [(64, 64, 56, 56), (256, 256, 14, 14), (128, 32, 28, 28), (60, 100), (1024, 4096)]
+WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+# Memory passes over one activation (reads + writes) of the minimal algorithm:
+PASSES = {"fwd": 3, "fwd+bwd": 8, "bn+relu fwd+bwd": 8}
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """GB/s of ``dst.copy_(src)`` on a 51 MB float32 tensor into an existing buffer (read + write)."""
+    src = torch.randn(64, 64, 56, 56)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), repeats)
+    return 2 * src.nbytes / t / 1e9
+
+
+def make_layers(c: int, rank: int):
+    tbn = (nn.BatchNorm1d if rank == 2 else nn.BatchNorm2d)(c)
+    obn = (B.BatchNorm1d if rank == 2 else B.BatchNorm2d)(c)
+    oact = (B.BatchNormAct1d if rank == 2 else B.BatchNormAct2d)(c, "relu")
+    return tbn, obn, oact
+
+
+def saved_bytes(fn, x: torch.Tensor) -> float:
+    """Bytes autograd keeps for backward (unique storages), per byte of x."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x.detach().requires_grad_())
+    return sum(seen.values()) / x.nbytes
+
+
+def faults(fn) -> float:
+    fn()
+    a = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - a) / 3
+
+
+def bench_shape(shape, repeats: int, bw: float) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    g = torch.randn(shape)
+    tbn, obn, oact = make_layers(shape[1], len(shape))
+    relu = nn.ReLU()
+    xg = x.clone().requires_grad_()
+
+    def step(f):
+        def run():
+            xg.grad = None
+            f(xg).backward(g)
+        return run
+
+    cases = {
+        "fwd": (lambda: _nograd(tbn, x), lambda: _nograd(obn, x)),
+        "fwd+bwd": (step(tbn), step(obn)),
+        "bn+relu fwd+bwd": (step(lambda t: relu(tbn(t))), step(oact)),
+    }
+    rows = []
+    for name, (ft, fo) in cases.items():
+        tt, to = median_time(ft, repeats), median_time(fo, repeats)
+        gbs = PASSES[name] * x.nbytes / to / 1e9
+        row = dict(shape=shape, case=name, torch_ms=tt * 1e3, ours_ms=to * 1e3, speedup=tt / to,
+                   gbs=gbs, of_copy=gbs / bw, faults=faults(fo))
+        if name != "fwd":
+            fn_t = (lambda t: relu(tbn(t))) if "relu" in name else tbn
+            fn_o = oact if "relu" in name else obn
+            row["saved_torch"], row["saved_ours"] = saved_bytes(fn_t, x), saved_bytes(fn_o, x)
+        rows.append(row)
+    return rows
+
+
+def _nograd(m, x):
+    with torch.no_grad():
+        return m(x)
+
+
+class LeNet(nn.Module):
+    """Seed 003's LeNet-BN: conv6-BN-ReLU-pool-conv16-BN-ReLU-pool-FC120-BN-ReLU-FC84-BN-ReLU-FC10."""
+
+    def __init__(self, bn: str) -> None:
+        super().__init__()
+
+        def norm_act(c, rank):
+            if bn == "none":
+                return nn.ReLU()
+            if bn == "torch":
+                return nn.Sequential((nn.BatchNorm1d if rank == 2 else nn.BatchNorm2d)(c), nn.ReLU())
+            if bn == "ours":
+                return nn.Sequential((B.BatchNorm1d if rank == 2 else B.BatchNorm2d)(c), nn.ReLU())
+            return (B.BatchNormAct1d if rank == 2 else B.BatchNormAct2d)(c, "relu")
+
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), norm_act(6, 4), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), norm_act(16, 4), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(400, 120), norm_act(120, 2), nn.Linear(120, 84), norm_act(84, 2),
+            nn.Linear(84, 10),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def bench_lenet(repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    out = {}
+    for bn in ("none", "torch", "ours", "ours fused"):
+        model = LeNet(bn)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        out[bn] = median_time(step, repeats * 4, warmup=5)
+    return out
+
+
+def print_table(rows, bw, lenet, title) -> None:
+    print(f"\n## {title}")
+    print(f"copy bandwidth (dst.copy_(src), 51 MB, read+write): {bw:.1f} GB/s; "
+          f"threads: torch {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}")
+    print("| shape | case | torch.nn ms | ours ms | speed-up | ours GB/s | of copy bw | faults/step "
+          "| saved torch | saved ours |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        st = f"{r['saved_torch']:.2f}x" if "saved_torch" in r else ""
+        so = f"{r['saved_ours']:.2f}x" if "saved_ours" in r else ""
+        print(f"| {tuple(r['shape'])} | {r['case']} | {r['torch_ms']:.3f} | {r['ours_ms']:.3f} | "
+              f"{r['speedup']:.2f}x | {r['gbs']:.1f} | {r['of_copy']:.2f} | {r['faults']:.0f} | {st} | {so} |")
+    base = lenet["none"]
+    print("\nLeNet-style training step, batch 128 (saved = bytes kept for backward per activation)")
+    print("| BN | step ms | BN overhead |")
+    print("|---|---:|---:|")
+    for k, v in lenet.items():
+        print(f"| {k} | {v * 1e3:.3f} | {'' if k == 'none' else f'{(v / base - 1) * 100:+.1f}%'} |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (median)")
+    ap.add_argument("--no-warm", action="store_true", help="skip the raised-malloc-threshold run")
+    ap.add_argument("--shapes", default=None, help="indices into SHAPES, e.g. 0,3")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 9)
+    shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    warm = all(os.environ.get(k) == v for k, v in WARM_ENV.items())
+    bw = copy_bandwidth(repeats * 2)
+    rows = [r for s in shapes for r in bench_shape(s, repeats, bw)]
+    lenet = bench_lenet(repeats)
+    title = "raised malloc thresholds (warm allocator)" if warm else "default allocator"
+    print_table(rows, bw, lenet, title)
+    if warm:
+        fb = [r for r in rows if r["case"] == "fwd+bwd"]
+        for r in fb:
+            bound = 8 * torch.Size(r["shape"]).numel() * 4 / bw / 1e9 * 1e3
+            print(f"eight-pass bound {tuple(r['shape'])}: {bound:.2f} ms; ours fwd+bwd "
+                  f"{r['ours_ms']:.2f} ms = {r['ours_ms'] / bound:.2f}x the bound")
+    elif not args.no_warm:
+        sys.stdout.flush()
+        child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
+        subprocess.run(child, env={**os.environ, **WARM_ENV}, check=True)
+
+
+if __name__ == "__main__":
+    main()
