@@ -153,7 +153,7 @@ def bench_lenet(repeats: int) -> dict[str, float]:
         model = LeNet(bn)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-        def step():
+        def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
