@@ -184,6 +184,7 @@ class ActivationTracker:
             idx = self._unit_index.get(name)
             layers[name] = {
                 "where": self.targets[name][1],
+                "module": type(self.targets[name][0]).__name__,
                 "units": idx.tolist() if idx is not None else [],
                 "steps": list(rec["steps"]),
                 "percentiles": [list(p) for p in rec["percentiles"]],
@@ -212,7 +213,7 @@ class ActivationTracker:
 
 def plot_percentile_runs(
     panels: dict[str, dict[str, Any]], percentiles: Sequence[float], path: str | os.PathLike,
-    *, title: str | None = None,
+    *, title: str | None = None, cols: int = 3,
 ) -> Path:
     """Plot ``{panel title: layer record}`` (records as in ``results()["layers"]``) side by side."""
     import matplotlib
@@ -222,13 +223,13 @@ def plot_percentile_runs(
 
     path = Path(path)
     n = max(len(panels), 1)
-    cols = min(n, 3)
+    cols = max(1, min(n, cols))
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, (label, rec) in zip(axes.flat, panels.items(), strict=False):
         steps = rec["steps"]
         pct = list(zip(*rec["percentiles"], strict=True)) if rec["percentiles"] else []
-        for p, series in zip(percentiles, pct, strict=True):
+        for p, series in zip(percentiles, pct, strict=False):  # no curves before any record
             ax.plot(steps, series, label=f"{p:g}th", lw=1.2)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
@@ -236,7 +237,8 @@ def plot_percentile_runs(
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].set_ylabel("pre-activation")
-    axes.flat[0].legend(fontsize=8)
+    if axes.flat[0].lines:
+        axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
