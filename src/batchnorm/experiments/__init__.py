@@ -23,6 +23,7 @@ EXPERIMENTS: dict[str, str] = {
     "ablation": "batchnorm.experiments.ablation",
     "claims": "batchnorm.experiments.claims",
     "diagnose": "batchnorm.diagnostics.diagnose",
+    "small-batch": "batchnorm.experiments.small_batch",
 }
 
 
