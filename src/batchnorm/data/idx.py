@@ -92,7 +92,7 @@ def read_idx(
     if expect_shape is not None and (
         len(expect_shape) != ndim or any(e is not None and e != s for e, s in zip(expect_shape, shape, strict=True))
     ):
-        want_s = tuple("*" if e is None else e for e in expect_shape)
+        want_s = "(" + ", ".join("*" if e is None else str(e) for e in expect_shape) + ")"
         raise IDXError(f"{path}: expected shape {want_s}, got {shape}")
     if expect_dtype is not None and np.dtype(expect_dtype) != dtype.newbyteorder("="):
         raise IDXError(f"{path}: expected dtype {np.dtype(expect_dtype).name}, got {dtype.newbyteorder('=').name}")

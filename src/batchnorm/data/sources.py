@@ -13,6 +13,7 @@ Inside a root directory the files may sit directly, in ``<root>/<name>/`` or in 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -211,18 +212,24 @@ def _not_found(name: str, searched: list[Path], why: str) -> DataNotFoundError:
     )
 
 
-def _digits() -> Dataset:
-    """scikit-learn's 1,797 8×8 digits, scaled to 24×24 (bilinear) and padded to 28×28.
-
-    Deterministic split: a fixed permutation (numpy seed 0), the first 297 images are the test set.
-    """
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
     x = torch.nn.functional.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2)).clamp_(0.0, 1.0).contiguous()  # (N, 1, 28, 28)
-    y = torch.from_numpy(d.target.astype(np.int64))
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2)).clamp_(0.0, 1.0)  # (N, 1, 28, 28)
+    return x.numpy(), d.target.astype(np.int64)
+
+
+def _digits() -> Dataset:
+    """scikit-learn's 1,797 8×8 digits, scaled to 24×24 (bilinear) and padded to 28×28.
+
+    Deterministic split: a fixed permutation (numpy seed 0), the first 297 images are the test set.
+    """
+    xa, ya = _digits_arrays()
+    x, y = torch.from_numpy(xa.copy()), torch.from_numpy(ya.copy())  # callers may modify theirs
     perm = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))
     test, train = perm[:297], perm[297:]
     return Dataset("digits", x[train].contiguous(), y[train], x[test].contiguous(), y[test],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,17 +140,6 @@ def evaluate(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, unit: int) ->
     return acc, [float(v) for v in q]
 
 
-def _set_numba_threads(n: int) -> int | None:
-    """Cap the compiled BN kernels' thread pool (tiny batches lose time to thread sync); returns the old cap."""
-    try:
-        import numba
-    except ImportError:
-        return None
-    old = numba.get_num_threads()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    return old
-
-
 def _after_step(arm: str, step: int) -> None:
     """Called after every completed step (tests replace it to simulate an interrupt)."""
 
@@ -159,7 +149,6 @@ def train_arm(arm: str, cfg: Config, dataset: str, out: Path, *, resume: bool, q
               position: int = 0, data: Dataset | None = None) -> dict:
     """Train one network (``"baseline"`` or ``"bn"``); returns its curve, percentiles and wall time."""
     torch.set_num_threads(cfg.threads)
-    _set_numba_threads(cfg.threads)
     if data is None:
         data = load_dataset(dataset, cfg.data_dir)
     x_train = data.train_x.reshape(len(data.train_x), -1).contiguous()  # (N, 784)
@@ -249,16 +238,25 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = Fal
     MetricsLog(out / "metrics.jsonl", keep=lambda r: r.get("step", 0) <= done.get(r.get("arm"), -1))
     jobs = [(arm, cfg, dataset, out, resume, quiet, i) for i, arm in enumerate(ARMS)]
     if cfg.workers == 1:
-        threads, numba_threads = torch.get_num_threads(), _set_numba_threads(cfg.threads)
+        threads = torch.get_num_threads()
         try:
             results = [train_arm(arm, cfg, dataset, out, resume=resume, quiet=quiet, data=data)
                        for arm in ARMS]
         finally:
             torch.set_num_threads(threads)
-            if numba_threads is not None:
-                _set_numba_threads(numba_threads)
     else:
-        with mp.get_context("spawn").Pool(2) as pool:
+        # Each worker gets cfg.threads threads, the compiled BN kernels' pool included (they read
+        # NUMBA_NUM_THREADS at import; tiny batches only lose time to thread synchronization).
+        old = os.environ.get("NUMBA_NUM_THREADS")
+        os.environ["NUMBA_NUM_THREADS"] = str(cfg.threads)
+        try:
+            pool = mp.get_context("spawn").Pool(2)
+        finally:
+            if old is None:
+                os.environ.pop("NUMBA_NUM_THREADS")
+            else:
+                os.environ["NUMBA_NUM_THREADS"] = old
+        with pool:
             results = pool.map(_worker, jobs)
     summary = make_summary(dataset, cfg, {r["arm"]: r for r in results}, clock.elapsed)
     atomic_write_json(out / "summary.json", summary)

@@ -1,0 +1,108 @@
+"""The ``batchnorm`` command: option parsing, clear errors, an end-to-end quick run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchnorm import cli
+
+
+def _fails(capsys, argv, *needles, status=2):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == status
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_unknown_option_is_rejected(capsys):
+    _fails(capsys, ["reproduce", "fig1", "--stpes", "10"], "unrecognized arguments: --stpes")
+
+
+def test_abbreviations_are_not_guessed(capsys):
+    _fails(capsys, ["reproduce", "fig1", "--step", "10"], "--step")
+
+
+def test_unknown_experiment_lists_choices(capsys):
+    _fails(capsys, ["reproduce", "fig9"], "invalid choice: 'fig9'", "fig1")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--steps", "ten"], "expected int for --steps, got 'ten'"),
+    (["--lr", "fast"], "expected float for --lr, got 'fast'"),
+    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--steps", "0"], "steps must be a positive integer"),
+    (["--lr", "-1"], "lr must be a positive number"),
+    (["--batch-size", "1"], "batch_size must be at least 2"),
+    (["--checkpoint-every", "7"], "multiple of eval_every"),
+])
+def test_bad_values_get_clear_errors(capsys, tmp_path, argv, needle):
+    _fails(capsys, ["reproduce", "fig1", *argv, "--out", str(tmp_path / "o")], needle)
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_help_lists_config_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reproduce", "fig1", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--dataset", "--data-dir", "--steps", "--batch-size", "--lr", "--seed", "--out",
+                "--resume", "--quiet", "--quick"):
+        assert opt in out
+
+
+def test_missing_data_is_a_clear_error_not_a_traceback(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHNORM_NO_DOWNLOAD", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("BATCHNORM_DATA", raising=False)
+    code = cli.main(["reproduce", "fig1", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "mnist is not available" in err and "--dataset digits" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_of_a_non_run_directory(capsys, tmp_path):
+    assert cli.main(["report", str(tmp_path)]) == 1
+    assert "is not a finished run directory" in capsys.readouterr().err
+
+
+def test_quick_run_end_to_end_then_report(capsys, tmp_path):
+    out = tmp_path / "run"
+    code = cli.main(["reproduce", "fig1", "--quick", "--steps", "100", "--eval-every", "50",
+                     "--checkpoint-every", "100", "--seed", "3", "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"report: {(out / 'report.html').resolve()}" in printed
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["experiment"] == "fig1" and cfg["config"]["steps"] == 100 and cfg["config"]["seed"] == 3
+    assert cfg["config"]["dataset"] == "digits"  # from Config.quick()
+    assert "torch" in cfg["env"]
+    (out / "report.html").unlink()
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_extra_subcommand_hook(monkeypatch, capsys):
+    import argparse
+    import sys
+    import types
+
+    mod = types.ModuleType("fake_diag")
+
+    def register(sub):
+        p = sub.add_parser("diagnose", help="fake")
+        p.add_argument("--n", type=int, default=1)
+        p.set_defaults(func=lambda args: print(f"diagnosed {args.n}") or 0)
+
+    mod.register = register
+    monkeypatch.setitem(sys.modules, "fake_diag", mod)
+    monkeypatch.setitem(cli.EXTRA_COMMANDS, "diagnose", "fake_diag:register")
+    assert cli.main(["diagnose", "--n", "4"]) == 0
+    assert "diagnosed 4" in capsys.readouterr().out
+    assert isinstance(cli.build_parser(["report", "x"]), argparse.ArgumentParser)

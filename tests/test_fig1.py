@@ -1,0 +1,170 @@
+"""Figure 1 experiment: summary contract, BN beats the baseline, determinism, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from batchnorm.experiments import fig1
+from batchnorm.experiments.runner import read_metrics
+
+CFG = fig1.Config(dataset="digits", steps=200, eval_every=50, checkpoint_every=100, workers=1)
+
+
+def _strip_wall(summary: dict) -> dict:
+    s = json.loads(json.dumps(summary))
+    s.pop("wall_seconds")
+    for r in s["runs"].values():
+        r.pop("wall_seconds")
+    return s
+
+
+def _metrics_without_wall(path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in read_metrics(path)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fig1")
+    summary = fig1.run(CFG, out, quiet=True)
+    return out, summary
+
+
+def test_summary_follows_the_contract(run_dir):
+    out, summary = run_dir
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["experiment"] == "fig1" and on_disk["dataset"] == "digits"
+    assert on_disk["steps"] == 200 and isinstance(on_disk["steps"], int)
+    assert set(on_disk["runs"]) == {"baseline", "bn"} == set(on_disk["percentiles"])
+    expected_steps = list(range(0, 201, 50))
+    for arm in ("baseline", "bn"):
+        r = on_disk["runs"][arm]
+        assert [s for s, _ in r["curve"]] == expected_steps
+        assert all(isinstance(s, int) and 0.0 <= a <= 1.0 for s, a in r["curve"])
+        assert r["final_test_accuracy"] == r["curve"][-1][1]
+        assert isinstance(r["wall_seconds"], float) and r["wall_seconds"] > 0
+        p = on_disk["percentiles"][arm]
+        assert p["steps"] == expected_steps
+        for lo, mid, hi in zip(p["p15"], p["p50"], p["p85"], strict=True):
+            assert lo <= mid <= hi
+    for name in ("config.json", "metrics.jsonl", "fig1.png", "checkpoint-baseline.pt", "checkpoint-bn.pt"):
+        assert (out / name).exists(), name
+
+
+def test_bn_network_beats_the_baseline(run_dir):
+    _, s = run_dir
+    bn, base = s["runs"]["bn"]["final_test_accuracy"], s["runs"]["baseline"]["final_test_accuracy"]
+    assert bn > base + 0.2, (bn, base)
+    assert bn > 0.8
+
+
+def test_percentiles_are_those_of_the_tracked_sigmoid_input(run_dir):
+    """Recompute the last recorded percentiles from the saved model, independently of evaluate()."""
+    out, s = run_dir
+    data = __import__("batchnorm").data.load_dataset("digits")
+    for arm in ("baseline", "bn"):
+        net = fig1.build_mlp(arm == "bn", CFG.init_std, torch.Generator().manual_seed(0))
+        net.load_state_dict(torch.load(out / f"checkpoint-{arm}.pt", weights_only=False)["model"])
+        net.eval()
+        with torch.no_grad():
+            z = net[:-2](data.test_x.flatten(1))[:, CFG.unit].double()  # input of the last sigmoid
+        want = torch.quantile(z, torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
+        got = [s["percentiles"][arm][k][-1] for k in ("p15", "p50", "p85")]
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bn_network_structure():
+    g = torch.Generator().manual_seed(0)
+    base, bn = fig1.build_mlp(False, 0.05, g.manual_seed(0)), fig1.build_mlp(True, 0.05, g.manual_seed(0))
+    lin_b = [m for m in base if isinstance(m, torch.nn.Linear)]
+    lin_n = [m for m in bn if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in lin_b] == [(784, 100), (100, 100), (100, 100), (100, 10)]
+    assert [m.bias is None for m in lin_n] == [True, True, True, False]  # β replaces the bias
+    assert sum(isinstance(m, __import__("batchnorm").BatchNorm1d) for m in bn) == 3
+    for a, b in zip(lin_b, lin_n, strict=True):  # same initial weights in both networks
+        assert torch.equal(a.weight, b.weight)
+    assert abs(lin_b[0].weight.std().item() - 0.05) < 0.005
+
+
+def test_same_seed_same_curves(run_dir, tmp_path):
+    _, s = run_dir
+    again = fig1.run(CFG, tmp_path, quiet=True)
+    assert _strip_wall(again) == _strip_wall(s)
+
+
+def test_resume_after_interrupt_gives_identical_results(run_dir, tmp_path, monkeypatch):
+    """Interrupted in the BN network (the baseline finished): resume redoes steps 101-130 exactly."""
+    stop_arm, stop_step = "bn", 130
+    ref_dir, ref = run_dir
+
+    def interrupt(arm, step):
+        if (arm, step) == (stop_arm, stop_step):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fig1, "_after_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fig1.run(CFG, tmp_path, quiet=True)
+    assert not (tmp_path / "summary.json").exists()
+    monkeypatch.setattr(fig1, "_after_step", lambda arm, step: None)
+    resumed = fig1.run(CFG, tmp_path, resume=True, quiet=True)
+    assert _strip_wall(resumed) == _strip_wall(ref)
+    got = sorted(_metrics_without_wall(tmp_path / "metrics.jsonl"), key=lambda r: (r["arm"], r["step"]))
+    want = sorted(_metrics_without_wall(ref_dir / "metrics.jsonl"), key=lambda r: (r["arm"], r["step"]))
+    assert got == want  # nothing logged twice, nothing lost
+
+
+def test_resume_with_other_settings_is_refused(run_dir, tmp_path):
+    fig1.run(dataclasses.replace(CFG, steps=100), tmp_path, quiet=True)
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match="other settings"):
+        fig1.run(dataclasses.replace(CFG, steps=100, lr=0.1), tmp_path, resume=True, quiet=True)
+    assert (tmp_path / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("steps", 0, "steps must be a positive integer"),
+    ("batch_size", 1, "batch_size must be at least 2"),
+    ("lr", -0.1, "lr must be a positive number"),
+    ("lr", float("nan"), "lr must be a positive number"),
+    ("checkpoint_every", 130, "multiple of eval_every"),
+    ("unit", 100, "unit must be in 0..99"),
+    ("workers", 3, "workers must be 1 or 2"),
+    ("dataset", "cifar", "dataset must be"),
+])
+def test_bad_config_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(CFG, **{field: value})
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(run_dir, tmp_path):
+    _, s = run_dir
+    two = fig1.run(dataclasses.replace(CFG, workers=2), tmp_path, quiet=True)
+    assert _strip_wall(two) == _strip_wall(s)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_via_cli(run_dir, tmp_path):
+    """Kill the real CLI (both worker processes) mid-run, resume, compare with the reference run."""
+    _, ref = run_dir
+    cmd = [sys.executable, "-m", "batchnorm.cli", "reproduce", "fig1", "--dataset", "digits",
+           "--steps", "200", "--eval-every", "50", "--checkpoint-every", "100", "--workers", "2",
+           "--out", str(tmp_path), "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "checkpoint-bn.pt").exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "summary.json").exists()
+    subprocess.run(cmd + ["--resume"], check=True)
+    assert _strip_wall(json.loads((tmp_path / "summary.json").read_text())) == _strip_wall(ref)
