@@ -24,6 +24,7 @@ def _strip_wall(summary: dict) -> dict:
     s.pop("wall_seconds")
     for r in s["runs"].values():
         r.pop("wall_seconds")
+        r.pop("cpu_seconds")
     return s
 
 
