@@ -26,8 +26,9 @@ FAST = settings(max_examples=25, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def close(actual, expected, tol, what=""):
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+def close(actual, expected, tol, what="", same_dtype=True):
+    if same_dtype:
+        assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     scale = max(1.0, expected.double().abs().max().item()) if expected.numel() else 1.0
     torch.testing.assert_close(actual.double(), expected.double(), atol=tol * scale, rtol=tol,
                                msg=lambda m: f"{what}: {m}")
@@ -72,16 +73,22 @@ def _randomize(layer: nn.Module) -> None:
 
 
 def check_parity(case, dtype, steps=2, layer_dtype=None):
-    """Run torch's layer and ours side by side for ``steps`` batches; compare everything."""
+    """Run torch's layer and ours side by side for ``steps`` batches; compare everything.
+
+    For float16/bfloat16 input torch's layer runs in float64 on the same (rounded) values: torch's
+    own low-precision CPU path is not a usable oracle (its bfloat16 batch-statistics path is off
+    by up to 0.98 on N=2 batches, see test_torch_bfloat16_is_not_an_oracle below).
+    """
     torch_cls, our_cls = PAIRS[case["kind"]]
     if layer_dtype is None:
         layer_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    half = dtype in (torch.float16, torch.bfloat16)
     flags = dict(affine=case["affine"], track_running_stats=case["track"],
-                 momentum=case["momentum"], dtype=layer_dtype, bias=case.get("bias", True))
-    theirs = torch_cls(case["shape"][1], **flags)
-    _randomize(theirs)
-    ours = our_cls(case["shape"][1], **flags)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
+                 momentum=case["momentum"], bias=case.get("bias", True))
+    ours = our_cls(case["shape"][1], **flags, dtype=layer_dtype)
+    _randomize(ours)
+    theirs = torch_cls(case["shape"][1], **flags, dtype=torch.float64 if half else layer_dtype)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
     theirs.train(case["train"])
     ours.train(case["train"])
     tol = TOL[dtype]
@@ -90,27 +97,28 @@ def check_parity(case, dtype, steps=2, layer_dtype=None):
         x = (torch.randn(case["shape"], dtype=torch.float64) * 2 + case["offset"]).to(dtype)
         if case["channels_last"]:
             x = x.to(memory_format=fmt)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        xa = x.clone().requires_grad_()
+        xb = (x.double() if half else x.clone()).requires_grad_()
         ya, yb = ours(xa), theirs(xb)
-        close(ya, yb, tol, f"output step {step}")
+        close(ya, yb, tol, f"output step {step}", not half)
         if case["channels_last"]:
             assert ya.is_contiguous(memory_format=fmt), "output lost channels_last"
         else:
             assert ya.is_contiguous()
-        dy = torch.randn_like(yb)
+        dy = torch.randn_like(ya)
         ya.backward(dy)
-        yb.backward(dy)
-        close(xa.grad, xb.grad, tol * 4, f"input grad step {step}")
+        yb.backward(dy.to(yb.dtype))
+        close(xa.grad, xb.grad, tol * 4, f"input grad step {step}", not half)
         if case["affine"]:
-            close(ours.weight.grad, theirs.weight.grad, tol * 4, "weight grad")
+            close(ours.weight.grad, theirs.weight.grad, tol * 4, "weight grad", not half)
             assert (ours.bias is None) == (theirs.bias is None)
             if ours.bias is not None:
-                close(ours.bias.grad, theirs.bias.grad, tol * 4, "bias grad")
+                close(ours.bias.grad, theirs.bias.grad, tol * 4, "bias grad", not half)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             a, b = getattr(ours, name), getattr(theirs, name)
             assert (a is None) == (b is None), name
             if a is not None:
-                close(a, b, tol, f"{name} step {step}")
+                close(a, b, tol, f"{name} step {step}", not half)
 
 
 @FAST
@@ -129,6 +137,18 @@ def test_matches_torch_nn_float32(bn_core_backend, case):
 @given(case=layer_cases(), dtype=st.sampled_from([torch.float16, torch.bfloat16]))
 def test_matches_torch_nn_half_input_float32_statistics(bn_core_backend, case, dtype):
     check_parity(case, dtype)
+
+
+def test_torch_bfloat16_is_not_an_oracle():
+    """Why half inputs are checked against torch in float64: torch's own bfloat16 CPU path, with
+    batch statistics on N=2, is off by up to ~1 where ours stays within bfloat16 rounding."""
+    x = torch.tensor([[4.1562, 5.5938], [1.2969, 5.6250]]).bfloat16()
+    exact = (x.double() - x.double().mean(0)) / torch.sqrt(x.double().var(0, correction=0) + 1e-5)
+    ours = batchnorm.BatchNorm1d(2, affine=False, track_running_stats=False)(x)
+    assert (ours.double() - exact).abs().max() < 2**-7
+    theirs = nn.BatchNorm1d(2, affine=False, track_running_stats=False)(x)
+    if (theirs.double() - exact).abs().max() < 2**-7:  # pragma: no cover - torch fixed it
+        pytest.skip("torch's bfloat16 path is accurate in this build; the float64 oracle remains")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
