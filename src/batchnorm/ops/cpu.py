@@ -429,6 +429,80 @@ def _bwd_coef(s1, s2, s3, mode, var, w, b, eps, m, ka, kb, kc, dgamma):
         kc[c] = -A * s1[c] / m + K * q
 
 
+# ====================================================================== small tensors: one serial call
+# Below _SERIAL_BELOW values, waking the thread pool and dispatching five kernels costs more than
+# the work; these do statistics + normalize (or reduce + dx) in one call on one thread, in float64
+# accumulators, over a (outer, C, inner) view: planes (N, C, L) or rows (R, C, 1).
+@njit(inline="always")
+def _dz_u(mode, gv, sv, m, aa, b0, sl, isl):
+    """(dz, u) of one value: see the backward kernels above."""
+    if mode == SAVED_Y:
+        if sv < 0:
+            return gv * sl, sv * isl
+        return gv, sv
+    u = sv - m
+    if mode == SAVED_X_ACT and not (u * aa + b0 > 0):
+        return gv * sl, u
+    return gv, u
+
+
+@njit(**_SER)
+def _small_forward(x, w, b, eps, act, slope, y, mean, var, mhi, a, bb):
+    o_, c_, i_ = x.shape
+    sh = np.empty(c_)
+    s = np.zeros(c_)
+    q = np.zeros(c_)
+    for c in range(c_):
+        sh[c] = x[0, c, 0]
+    for o in range(o_):
+        for c in range(c_):
+            for i in range(i_):
+                d = np.float64(x[o, c, i]) - sh[c]
+                s[c] += d
+                q[c] += d * d
+    m = np.float64(o_ * i_)
+    for c in range(c_):
+        dm = s[c] / m
+        mean[c] = sh[c] + dm  # μ_B
+        var[c] = max((q[c] - s[c] * dm) / m, 0.0)  # σ²_B from shifted sums
+    _affine_coef(mean, var, w, b, eps, mhi, a, bb)
+    sl = x.dtype.type(slope)
+    for o in range(o_):
+        for c in range(c_):
+            for i in range(i_):
+                z = (x[o, c, i] - mhi[c]) * a[c] + bb[c]
+                if z < 0 and act != ACT_NONE:
+                    z = z * sl if act == ACT_LEAKY else z - z
+                y[o, c, i] = z
+
+
+@njit(**_SER)
+def _small_backward(dy, sv, mode, mean, var, w, b, eps, slope, dx, dgamma, s1):
+    o_, c_, i_ = sv.shape
+    dt = sv.dtype
+    mhi, a, bb = np.empty(c_, dt), np.empty(c_, dt), np.empty(c_, dt)
+    _affine_coef(mean, var, w, b, eps, mhi, a, bb)
+    s2 = np.zeros(c_)
+    s3 = np.zeros(c_)
+    s1[:] = 0.0
+    sl = dt.type(slope)
+    isl = dt.type(1.0 / slope if slope != 0.0 else 0.0)
+    for o in range(o_):
+        for c in range(c_):
+            for i in range(i_):
+                g, u = _dz_u(mode, dy[o, c, i], sv[o, c, i], mhi[c], a[c], bb[c], sl, isl)
+                s1[c] += g
+                s2[c] += g * np.float64(u)
+                s3[c] += u
+    ka, kb, kc = np.empty(c_, dt), np.empty(c_, dt), np.empty(c_, dt)
+    _bwd_coef(s1, s2, s3, mode, var, w, b, eps, np.float64(o_ * i_), ka, kb, kc, dgamma)
+    for o in range(o_):
+        for c in range(c_):
+            for i in range(i_):
+                g, u = _dz_u(mode, dy[o, c, i], sv[o, c, i], mhi[c], a[c], bb[c], sl, isl)
+                dx[o, c, i] = ka[c] * g + kb[c] * u + kc[c]
+
+
 # ====================================================================== torch-facing wrappers
 def supports(x: Tensor) -> bool:
     """float32/float64/bfloat16 CPU tensors of rank 2–5, contiguous or channels_last, non-empty."""
@@ -482,7 +556,8 @@ def _sub_rows(c: int) -> int:
 def _f64(t: Tensor | None, c: int, fill: float) -> np.ndarray:
     if t is None:
         return np.full(c, fill)
-    return t.detach().to(torch.float64).contiguous().numpy()
+    t = t.detach()
+    return (t if t.dtype in _NATIVE else t.float()).numpy().astype(np.float64)
 
 
 def _stats(xa: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray]:
@@ -512,22 +587,6 @@ def _apply(xa, ya, layout, mhi, a, bb, act, slope) -> None:
         _rows_affine(xa, ya, mhi, a, bb, act, slope, _chunks(xa.shape[0]))
 
 
-class _threads_for:
-    """Run the kernels on one thread for small tensors; restore numba's thread count after."""
-
-    def __init__(self, numel: int) -> None:
-        self.serial = numel < _SERIAL_BELOW
-
-    def __enter__(self) -> None:
-        if self.serial:
-            self.old = numba.get_num_threads()
-            numba.set_num_threads(1)
-
-    def __exit__(self, *exc) -> None:
-        if self.serial:
-            numba.set_num_threads(self.old)
-
-
 def _native(x: Tensor) -> Tensor:
     return x if x.dtype in _NATIVE else x.float()  # bfloat16 → float32 (keeps the memory format)
 
@@ -536,30 +595,31 @@ def _np_dtype(x: Tensor):
     return np.float64 if x.dtype == torch.float64 else np.float32
 
 
-def _stat_out(v: np.ndarray, x: Tensor) -> Tensor:
-    return torch.from_numpy(v).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-
-
 def forward_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: int, slope: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward with a fused activation: (act(γ x̂ + β), μ_B, σ²_B biased in float64)."""
-    with _threads_for(x.numel()):
-        return _forward_act(x, weight, bias, eps, act, slope)
-
-
-def _forward_act(x, weight, bias, eps, act, slope):
     xn = _native(x)
     layout = _layout(xn)
     xa = _view(xn, layout)
     c = xa.shape[1]
-    mean, var = _stats(xa, layout)
     dt = _np_dtype(xn)
     mhi, a, bb = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
-    _affine_coef(mean, var, _f64(weight, c, 1.0), _f64(bias, c, 0.0), float(eps), mhi, a, bb)
+    w64, b64 = _f64(weight, c, 1.0), _f64(bias, c, 0.0)
     y = torch.empty_like(xn)
-    _apply(xa, _view(y, layout), layout, mhi, a, bb, act, float(slope))
+    ya = _view(y, layout)
+    if xa.size < _SERIAL_BELOW:
+        mean, var = np.empty(c), np.empty(c)
+        _small_forward(_3d(xa), w64, b64, float(eps), act, float(slope), _3d(ya), mean, var, mhi, a, bb)
+    else:
+        mean, var = _stats(xa, layout)
+        _affine_coef(mean, var, w64, b64, float(eps), mhi, a, bb)
+        _apply(xa, ya, layout, mhi, a, bb, act, float(slope))
     return y.to(x.dtype), torch.from_numpy(mean), torch.from_numpy(var)
+
+
+def _3d(a: np.ndarray) -> np.ndarray:
+    return a if a.ndim == 3 else a[:, :, None]
 
 
 def forward(
@@ -576,11 +636,6 @@ def eval_forward(
     bias: Tensor | None, eps: float, act: int = ACT_NONE, slope: float = 0.0,
 ) -> Tensor:
     """Inference: one fused pass y = act((x − E[x])·γ/sqrt(Var[x]+ε) + β) (Algorithm 2)."""
-    with _threads_for(x.numel()):
-        return _eval_forward(x, running_mean, running_var, weight, bias, eps, act, slope)
-
-
-def _eval_forward(x, running_mean, running_var, weight, bias, eps, act, slope):
     xn = _native(x)
     layout = _layout(xn)
     xa = _view(xn, layout)
@@ -601,20 +656,22 @@ def backward_act(
     bias: Tensor | None, eps: float, mode: int, slope: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dx, dL/dγ, dL/dβ) from x (mode SAVED_X / SAVED_X_ACT) or from y (SAVED_Y)."""
-    with _threads_for(saved.numel()):
-        return _backward_act(dy, saved, mean, var, weight, bias, eps, mode, slope)
-
-
-def _backward_act(dy, saved, mean, var, weight, bias, eps, mode, slope):
     sn = _native(saved)
     layout = _layout(sn)
     dyn = _like(sn, _native(dy))
     sa, ga = _view(sn, layout), _view(dyn, layout)
     c = sa.shape[1]
     dt = _np_dtype(sn)
-    mean64 = mean.detach().to(torch.float64).numpy()
-    var64 = var.detach().to(torch.float64).numpy()
+    mean64, var64 = _f64(mean, c, 0.0), _f64(var, c, 1.0)
     w64, b64 = _f64(weight, c, 1.0), _f64(bias, c, 0.0)
+    if sa.size < _SERIAL_BELOW:
+        dx = torch.empty_like(sn)
+        dgamma, s1 = np.empty(c), np.empty(c)
+        _small_backward(
+            _3d(ga), _3d(sa), mode, mean64, var64, w64, b64, float(eps), float(slope),
+            _3d(_view(dx, layout)), dgamma, s1,
+        )
+        return _grads_out(dx, dgamma, s1, saved, weight)
     mhi, a, bb = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
     _affine_coef(mean64, var64, w64, b64, float(eps), mhi, a, bb)
     s1, s2, s3 = np.empty(c), np.empty(c), np.empty(c)
@@ -640,10 +697,17 @@ def _backward_act(dy, saved, mean, var, weight, bias, eps, mode, slope):
         _planes_bwd_dx(ga, sa, dxa, mode, mhi, a, bb, float(slope), ka, kb, kc)
     else:
         _rows_bwd_dx(ga, sa, dxa, mode, mhi, a, bb, float(slope), ka, kb, kc, _chunks(sa.shape[0]))
-    dgamma_t, dbeta_t = _stat_out(dgamma, saved), _stat_out(s1, saved)
-    if weight is not None:  # reference.backward's contract: dγ, dβ in γ's dtype
-        dgamma_t, dbeta_t = dgamma_t.to(weight.dtype), dbeta_t.to(weight.dtype)
-    return dx.to(saved.dtype), dgamma_t, dbeta_t
+    return _grads_out(dx, dgamma, s1, saved, weight)
+
+
+def _grads_out(dx, dgamma, dbeta, saved, weight):
+    """dx in the input's dtype; dγ, dβ in γ's dtype (reference.backward's contract), else acc."""
+    dt = weight.dtype if weight is not None else _acc(saved.dtype)
+    return dx.to(saved.dtype), torch.from_numpy(dgamma).to(dt), torch.from_numpy(dbeta).to(dt)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def backward(
