@@ -142,6 +142,13 @@ class InceptionNet(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, num_classes)
         )
 
+        for m in self.modules():  # He init for ReLU, Glorot for sigmoid (torch's default is smaller)
+            if isinstance(m, nn.Conv2d):
+                if activation == "relu":
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                else:
+                    nn.init.xavier_normal_(m.weight)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x)))
 
