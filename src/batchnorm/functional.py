@@ -158,7 +158,7 @@ def batch_norm(
     if not training:  # one compiled pass on CPU when no gradient is needed (ops/library.py)
         return library.eval_forward(input, running_mean, running_var, weight, bias, eps)
 
-    y, mean, var = library.bn_forward(input, weight, bias, float(eps))
+    y, mean, var = library.batch_norm_train(input, weight, bias, float(eps))
     if running_mean is not None:
         if num_batches_tracked is not None:
             with torch.no_grad():
