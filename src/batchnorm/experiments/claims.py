@@ -44,7 +44,7 @@ def _floats(text: str, name: str) -> list[float]:
 
 @dataclass
 class Config:
-    """Settings of the claims study (defaults: ~10 min on 2 idle cores)."""
+    """Settings of the claims study (defaults: 32 nets; estimated 5-10 min on 2 idle cores)."""
 
     dataset: str = field(default="", metadata=_h("mnist, fashion-mnist or digits; empty: best available"))
     data_dir: str = field(default="", metadata=_h("directory holding the dataset files (optional)"))
