@@ -35,6 +35,7 @@ from ..experiments.runner import (
     MetricsLog,
     Stopwatch,
     atomic_write_json,
+    option,
     prepare_run_dir,
     progress,
     read_json,
@@ -50,8 +51,7 @@ LABELS = {"baseline": "without BN", "bn": "with BN"}
 DEFAULT_LR = {"mlp": 0.5, "convnet": 0.05}
 
 
-def _opt(help: str, **kw: Any) -> dict:
-    return {"help": help, **kw}
+_opt = option
 
 
 @dataclass

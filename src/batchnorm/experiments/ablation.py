@@ -16,7 +16,7 @@ from pathlib import Path
 from . import conv_training as T
 from .models import InceptionNet
 from .report import Claim, Figure, ReportSections, Table, save_figure
-from .runner import Stopwatch, atomic_write_json, prepare_run_dir, save_checkpoint
+from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_checkpoint
 
 NAME = "ablation"
 VARIANTS = ("Baseline", "Baseline-Sigmoid", "BN-Baseline", "BN-x5", "BN-x30", "BN-x5-Sigmoid")
@@ -26,8 +26,7 @@ PAPER = {  # Section 4.2: steps to 72.2% (Inception's best) and max accuracy, Im
 }
 
 
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
+_h = option
 
 
 @dataclass

@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from . import conv_training as T
 from .models import DeepMLP, LeNet
 from .report import Claim, Figure, ReportSections, Table, save_figure
-from .runner import Stopwatch, atomic_write_json, prepare_run_dir, save_checkpoint
+from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_checkpoint
 
 NAME = "claims"
 GOOD_MARGIN = 0.05  # a setting "trains" if its test accuracy is within 5 points of the best one
 
 
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
+_h = option
 
 
 def _floats(text: str, name: str) -> list[float]:

@@ -34,6 +34,7 @@ from .runner import (
     Stopwatch,
     atomic_write_json,
     load_checkpoint,
+    option,
     prepare_run_dir,
     progress,
     save_checkpoint,
@@ -43,8 +44,7 @@ ARMS = ("baseline", "bn")
 NAME = "fig1"
 
 
-def _opt(help: str, **kw) -> dict:
-    return {"help": help, **kw}
+_opt = option
 
 
 @dataclass

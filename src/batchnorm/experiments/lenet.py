@@ -15,7 +15,7 @@ from pathlib import Path
 from . import conv_training as T
 from .models import LeNet, count_bn_layers
 from .report import Claim, Figure, ReportSections, Table, save_figure
-from .runner import Stopwatch, atomic_write_json, prepare_run_dir, save_checkpoint
+from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_checkpoint
 
 NAME = "lenet"
 VARIANTS = ("no-BN", "BN", "BN-recipe")
@@ -25,8 +25,7 @@ PUBLISHED = {  # seed 003, Keras, MNIST, 20 epochs, batch 128
 }
 
 
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
+_h = option
 
 
 @dataclass

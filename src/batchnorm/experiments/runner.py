@@ -181,6 +181,11 @@ def load_checkpoint(path: str | os.PathLike, *, generators: Iterable[torch.Gener
 
 
 # ---------------------------------------------------------------- run directory and config
+def option(help: str, **kw: Any) -> dict:
+    """``field(metadata=option("..."))``: the help text the CLI shows for a Config field."""
+    return {"help": help, **kw}
+
+
 def config_from_dict(cls: type, data: dict) -> Any:
     """Rebuild a config dataclass from ``config.json``'s ``"config"``; unknown keys are an error."""
     names = {f.name for f in dataclasses.fields(cls)}

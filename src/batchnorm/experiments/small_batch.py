@@ -43,6 +43,7 @@ from .runner import (
     Stopwatch,
     atomic_write_json,
     load_checkpoint,
+    option,
     prepare_run_dir,
     progress,
     save_checkpoint,
@@ -53,8 +54,7 @@ METHODS = ("bn", "renorm", "ghost", "sync")
 LABELS = {"bn": "BN", "renorm": "BatchRenorm", "ghost": "GhostBN", "sync": "SyncBN (2 procs)"}
 
 
-def _h(text: str) -> dict:
-    return {"help": text}
+_h = option
 
 
 @dataclass
