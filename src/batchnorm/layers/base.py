@@ -16,6 +16,17 @@ from torch import Tensor, nn
 from .. import functional as BF
 
 
+def share_state(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give ``new`` the very parameters, buffers and mode of ``old`` (same tensor objects), so a
+    layer swap changes no value and an optimizer built before it keeps working. Returns ``new``."""
+    for name in ("weight", "bias"):
+        setattr(new, name, getattr(old, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        new._buffers[name] = old._buffers.get(name)
+    new.train(old.training)
+    return new
+
+
 class BatchNormBase(nn.Module):
     """Shared state of a batch-normalization layer over ``num_features`` channels (axis 1)."""
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import functional as BF
 from ..ops import reference
-from .base import BatchNormBase
+from .base import BatchNormBase, share_state
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 
@@ -187,12 +187,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None,
     if type(module) in _TO_SYNC:
         new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group, timeout, device="meta")
-        for name in ("weight", "bias"):
-            setattr(new, name, getattr(module, name))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            new._buffers[name] = module._buffers.get(name)
-        new.train(module.training)
-        return new
+        return share_state(module, new)
     for name, child in module.named_children():
         new_child = convert_sync_batchnorm(child, process_group, timeout)
         if new_child is not child:

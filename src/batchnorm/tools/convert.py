@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from ..layers.base import share_state
 
 _TO_OURS: dict[type[nn.Module], type[BatchNormBase]] = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -24,12 +25,7 @@ def _copy_layer(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
         old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
         track_running_stats=old.track_running_stats, device="meta",
     )
-    for name in ("weight", "bias"):
-        setattr(new, name, getattr(old, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        new._buffers[name] = old._buffers.get(name)
-    new.train(old.training)
-    return new
+    return share_state(old, new)
 
 
 def _convert(module: nn.Module, table: dict[type[nn.Module], type[nn.Module]]) -> nn.Module:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..layers.base import share_state
 from ..layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..layers.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
@@ -21,15 +22,6 @@ _TO_BN = {
 _TO_FROZEN = {bn: frozen for frozen, bn in _TO_BN.items()}
 _TO_FROZEN.update({nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchNorm2d,
                    nn.BatchNorm3d: FrozenBatchNorm3d})
-
-
-def _share(old: nn.Module, new: nn.Module) -> nn.Module:
-    for name in ("weight", "bias"):
-        setattr(new, name, getattr(old, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        new._buffers[name] = old._buffers.get(name)
-    new.train(old.training)
-    return new
 
 
 def _walk(module: nn.Module, swap) -> nn.Module:
@@ -66,7 +58,7 @@ def freeze_batchnorm(
             return None
         new = cls(mod.num_features, eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
                   use_batch_stats=use_batch_stats, update_stats=update_stats, device="meta")
-        _share(mod, new)
+        share_state(mod, new)
         new.set_train_affine(train_affine)
         return new
 
@@ -83,7 +75,7 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
             return None
         new = cls(mod.num_features, eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
                   device="meta")
-        _share(mod, new)
+        share_state(mod, new)
         if new.affine:
             new.weight.requires_grad_(True)
             new.bias.requires_grad_(True)
