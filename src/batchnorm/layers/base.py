@@ -8,6 +8,7 @@ how a training batch is normalized.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +26,19 @@ def share_state(old: nn.Module, new: nn.Module) -> nn.Module:
         new._buffers[name] = old._buffers.get(name)
     new.train(old.training)
     return new
+
+
+def replace_modules(module: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Walk ``module`` top-down; where ``swap(m)`` returns a module, put it in m's place (and do
+    not descend into it). In place; returns the model (a new object if the root was swapped)."""
+    new = swap(module)
+    if new is not None:
+        return new
+    for name, child in module.named_children():
+        new_child = replace_modules(child, swap)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
 
 
 class BatchNormBase(nn.Module):

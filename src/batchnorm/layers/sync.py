@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import functional as BF
 from ..ops import reference
-from .base import BatchNormBase, share_state
+from .base import BatchNormBase, replace_modules, share_state
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 
@@ -184,12 +184,12 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None,
                            timeout: float | None = None) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d (ours or torch's, exact types) and ``torch.nn.SyncBatchNorm``
     with :class:`SyncBatchNorm`, in place, sharing parameters and buffers; returns the model."""
-    if type(module) in _TO_SYNC:
-        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, timeout, device="meta")
-        return share_state(module, new)
-    for name, child in module.named_children():
-        new_child = convert_sync_batchnorm(child, process_group, timeout)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if type(m) not in _TO_SYNC:
+            return None
+        new = SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine,
+                            m.track_running_stats, process_group, timeout, device="meta")
+        return share_state(m, new)
+
+    return replace_modules(module, swap)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
-from ..layers.base import share_state
+from ..layers.base import replace_modules, share_state
 
 _TO_OURS: dict[type[nn.Module], type[BatchNormBase]] = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -29,13 +29,9 @@ def _copy_layer(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
 
 
 def _convert(module: nn.Module, table: dict[type[nn.Module], type[nn.Module]]) -> nn.Module:
-    if type(module) in table:
-        return _copy_layer(module, table[type(module)])
-    for name, child in module.named_children():
-        new_child = _convert(child, table)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+    return replace_modules(
+        module, lambda m: _copy_layer(m, table[type(m)]) if type(m) in table else None
+    )
 
 
 def convert_model(module: nn.Module, to: str = "batchnorm") -> nn.Module:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers.base import share_state
+from ..layers.base import replace_modules, share_state
 from ..layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..layers.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
@@ -22,17 +22,6 @@ _TO_BN = {
 _TO_FROZEN = {bn: frozen for frozen, bn in _TO_BN.items()}
 _TO_FROZEN.update({nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchNorm2d,
                    nn.BatchNorm3d: FrozenBatchNorm3d})
-
-
-def _walk(module: nn.Module, swap) -> nn.Module:
-    new = swap(module)
-    if new is not None:
-        return new
-    for name, child in module.named_children():
-        new_child = _walk(child, swap)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
 
 
 def freeze_batchnorm(
@@ -62,7 +51,7 @@ def freeze_batchnorm(
         new.set_train_affine(train_affine)
         return new
 
-    return _walk(model, swap)
+    return replace_modules(model, swap)
 
 
 def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
@@ -81,4 +70,4 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
             new.bias.requires_grad_(True)
         return new
 
-    return _walk(model, swap)
+    return replace_modules(model, swap)
