@@ -59,12 +59,12 @@ def _planes_stats(x, bs, pmean, pm2, pcnt):
         c = p - n * c_
         lo = (it - p * nb) * bs
         hi = min(lo + bs, l_)
-        row = x[n, c]
-        sh = row[lo]  # shift by a sample of the block: d = x − sh is exact for clustered data
+        blk = x[n, c, lo:hi]  # a slice indexed from 0: LLVM drops the wraparound check, vectorizes
+        sh = blk[0]  # shift by a sample of the block: d = x − sh is exact for clustered data
         s = sh - sh
         q = sh - sh
-        for i in range(lo, hi):
-            d = row[i] - sh
+        for i in range(hi - lo):
+            d = blk[i] - sh
             s += d
             q += d * d
         k = np.float64(hi - lo)
@@ -113,8 +113,9 @@ def _rows_stats(x, nchunk, sub, pmean, pm2, pcnt):
                 s[c] = 0
                 q[c] = 0
             for r in range(rs, re):
+                xr = x[r]  # a row slice indexed from 0 (see _planes_stats)
                 for c in range(c_):
-                    d = x[r, c] - sh[c]
+                    d = xr[c] - sh[c]
                     s[c] += d
                     q[c] += d * d
             for c in range(c_):  # Chan et al.: merge this sub-block into the chunk's running stats
@@ -197,17 +198,19 @@ def _rows_affine(x, y, mhi, a, bb, act, slope, nchunk):
         r0 = k * r_ // nchunk
         r1 = (k + 1) * r_ // nchunk
         for r in range(r0, r1):
+            xr = x[r]
+            yr = y[r]
             if act == ACT_NONE:
                 for c in range(c_):
-                    y[r, c] = (x[r, c] - mhi[c]) * a[c] + bb[c]
+                    yr[c] = (xr[c] - mhi[c]) * a[c] + bb[c]
             elif act == ACT_RELU:
                 for c in range(c_):
-                    z = (x[r, c] - mhi[c]) * a[c] + bb[c]
-                    y[r, c] = 0 if z < 0 else z
+                    z = (xr[c] - mhi[c]) * a[c] + bb[c]
+                    yr[c] = 0 if z < 0 else z
             else:
                 for c in range(c_):
-                    z = (x[r, c] - mhi[c]) * a[c] + bb[c]
-                    y[r, c] = z * sl if z < 0 else z
+                    z = (xr[c] - mhi[c]) * a[c] + bb[c]
+                    yr[c] = z * sl if z < 0 else z
 
 
 # ====================================================================== backward (Section 3)
@@ -224,15 +227,15 @@ def _planes_bwd_reduce(dy, s, mode, mhi, a, bb, slope, bs, p1, p2, p3):
         c = p - n * c_
         lo = (it - p * nb) * bs
         hi = min(lo + bs, l_)
-        sr = s[n, c]
-        gr = dy[n, c]
+        sr = s[n, c, lo:hi]  # slices indexed from 0 (see _planes_stats)
+        gr = dy[n, c, lo:hi]
         m = mhi[c]
         zero = m - m
         s1 = zero
         s2 = zero
         s3 = zero
         if mode == SAVED_X:
-            for i in range(lo, hi):
+            for i in range(hi - lo):
                 u = sr[i] - m
                 s1 += gr[i]  # Σ dL/dy_i
                 s2 += gr[i] * u  # Σ dL/dy_i (x_i − μ_hi)
@@ -241,7 +244,7 @@ def _planes_bwd_reduce(dy, s, mode, mhi, a, bb, slope, bs, p1, p2, p3):
             aa = a[c]
             b0 = bb[c]
             sl = s.dtype.type(slope)
-            for i in range(lo, hi):
+            for i in range(hi - lo):
                 u = sr[i] - m
                 g = gr[i] if u * aa + b0 > zero else gr[i] * sl  # z = γ x̂ + β recomputed
                 s1 += g
@@ -250,7 +253,7 @@ def _planes_bwd_reduce(dy, s, mode, mhi, a, bb, slope, bs, p1, p2, p3):
         else:
             sl = s.dtype.type(slope)
             isl = s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
-            for i in range(lo, hi):
+            for i in range(hi - lo):
                 yv = sr[i]
                 neg = yv < zero
                 g = gr[i] * sl if neg else gr[i]
@@ -337,24 +340,26 @@ def _rows_bwd_reduce(dy, s, mode, mhi, a, bb, slope, nchunk, sub, p1, p2, p3):
                 t2[c] = 0
                 t3[c] = 0
             for r in range(rs, re):
+                sr = s[r]
+                gr = dy[r]
                 if mode == SAVED_X:
                     for c in range(c_):
-                        u = s[r, c] - mhi[c]
-                        t1[c] += dy[r, c]
-                        t2[c] += dy[r, c] * u
+                        u = sr[c] - mhi[c]
+                        t1[c] += gr[c]
+                        t2[c] += gr[c] * u
                         t3[c] += u
                 elif mode == SAVED_X_ACT:
                     for c in range(c_):
-                        u = s[r, c] - mhi[c]
-                        g = dy[r, c] if u * a[c] + bb[c] > 0 else dy[r, c] * sl
+                        u = sr[c] - mhi[c]
+                        g = gr[c] if u * a[c] + bb[c] > 0 else gr[c] * sl
                         t1[c] += g
                         t2[c] += g * u
                         t3[c] += u
                 else:
                     for c in range(c_):
-                        yv = s[r, c]
+                        yv = sr[c]
                         neg = yv < 0
-                        g = dy[r, c] * sl if neg else dy[r, c]
+                        g = gr[c] * sl if neg else gr[c]
                         u = yv * isl if neg else yv
                         t1[c] += g
                         t2[c] += g * u
@@ -389,21 +394,24 @@ def _rows_bwd_dx(dy, s, dx, mode, mhi, a, bb, slope, ka, kb, kc, nchunk):
         r0 = k * r_ // nchunk
         r1 = (k + 1) * r_ // nchunk
         for r in range(r0, r1):
+            sr = s[r]
+            gr = dy[r]
+            out = dx[r]
             if mode == SAVED_X:
                 for c in range(c_):
-                    dx[r, c] = ka[c] * dy[r, c] + kb[c] * (s[r, c] - mhi[c]) + kc[c]
+                    out[c] = ka[c] * gr[c] + kb[c] * (sr[c] - mhi[c]) + kc[c]
             elif mode == SAVED_X_ACT:
                 for c in range(c_):
-                    u = s[r, c] - mhi[c]
-                    g = dy[r, c] if u * a[c] + bb[c] > 0 else dy[r, c] * sl
-                    dx[r, c] = ka[c] * g + kb[c] * u + kc[c]
+                    u = sr[c] - mhi[c]
+                    g = gr[c] if u * a[c] + bb[c] > 0 else gr[c] * sl
+                    out[c] = ka[c] * g + kb[c] * u + kc[c]
             else:
                 for c in range(c_):
-                    yv = s[r, c]
+                    yv = sr[c]
                     neg = yv < 0
-                    g = dy[r, c] * sl if neg else dy[r, c]
+                    g = gr[c] * sl if neg else gr[c]
                     u = yv * isl if neg else yv
-                    dx[r, c] = ka[c] * g + kb[c] * u + kc[c]
+                    out[c] = ka[c] * g + kb[c] * u + kc[c]
 
 
 @njit(**_SER)
@@ -550,7 +558,7 @@ def _chunks(rows: int) -> int:
 
 def _sub_rows(c: int) -> int:
     """Rows per sub-block: ≤ _SUB values in cache, and ≤ 256 float32 terms per running sum."""
-    return max(1, min(_SUB // c, 256))
+    return 256
 
 
 def _f64(t: Tensor | None, c: int, fill: float) -> np.ndarray:
