@@ -30,6 +30,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from . import buffers
+
 # No nnan/ninf: NaN and inf still propagate. "reassoc" (needed to vectorize a sum) only on the
 # reductions: on (x − μ_hi)·a + b it would let LLVM fold μ_hi into b and lose the exact centring.
 _FM_RED = {"nsz", "arcp", "contract", "reassoc", "afn"}
@@ -614,7 +616,7 @@ def forward_act(
     dt = _np_dtype(xn)
     mhi, a, bb = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
     w64, b64 = _f64(weight, c, 1.0), _f64(bias, c, 0.0)
-    y = torch.empty_like(xn)
+    y = buffers.empty_like(xn)
     ya = _view(y, layout)
     if xa.size < _SERIAL_BELOW:
         mean, var = np.empty(c), np.empty(c)
@@ -654,7 +656,7 @@ def eval_forward(
         _f64(running_mean, c, 0.0), _f64(running_var, c, 1.0), _f64(weight, c, 1.0),
         _f64(bias, c, 0.0), float(eps), mhi, a, bb,
     )
-    y = torch.empty_like(xn)
+    y = buffers.empty_like(xn)
     _apply(xa, _view(y, layout), layout, mhi, a, bb, act, float(slope))
     return y.to(x.dtype)
 
@@ -673,7 +675,7 @@ def backward_act(
     mean64, var64 = _f64(mean, c, 0.0), _f64(var, c, 1.0)
     w64, b64 = _f64(weight, c, 1.0), _f64(bias, c, 0.0)
     if sa.size < _SERIAL_BELOW:
-        dx = torch.empty_like(sn)
+        dx = buffers.empty_like(sn)
         dgamma, s1 = np.empty(c), np.empty(c)
         _small_backward(
             _3d(ga), _3d(sa), mode, mean64, var64, w64, b64, float(eps), float(slope),
@@ -699,7 +701,7 @@ def backward_act(
     ka, kb, kc = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
     dgamma = np.empty(c)
     _bwd_coef(s1, s2, s3, mode, var64, w64, b64, float(eps), float(m), ka, kb, kc, dgamma)
-    dx = torch.empty_like(sn)
+    dx = buffers.empty_like(sn)
     dxa = _view(dx, layout)
     if layout == "planes":
         _planes_bwd_dx(ga, sa, dxa, mode, mhi, a, bb, float(slope), ka, kb, kc)
