@@ -113,6 +113,10 @@ def update_running_stats(
     factor: float,
 ) -> None:
     """EMA step with the unbiased batch variance m/(m−1)·σ²_B (in place, no autograd)."""
+    fast = library.get_backend() == "auto" and not torch.compiler.is_compiling()
+    cpu = library.cpu_kernels() if fast else None
+    if cpu is not None and cpu.update_running_stats(running_mean, running_var, mean, var, m, factor):
+        return  # one compiled call instead of four torch ops (small batches: most of the cost)
     with torch.no_grad():
         unbiased = var * (m / (m - 1))
         running_mean.lerp_(mean.to(running_mean.dtype), factor)

@@ -97,7 +97,7 @@ class _BatchNormAct(BatchNormBase):
             return library._act_torch(y, act, slope)
 
         rm, rv, nbt = self._running_buffers()
-        y, mean, var = library.bn_act(
+        y, mean, var = library.bn_act_train(
             x, self.weight, self.bias, float(self.eps), act, slope, self._save_mode(x)
         )
         if rm is not None:  # the same EMA as functional.batch_norm (unbiased σ²_B)

@@ -28,6 +28,7 @@ import numba
 import numpy as np
 import torch
 from numba import njit, prange
+from numba.extending import overload
 from torch import Tensor
 
 from . import buffers
@@ -456,39 +457,194 @@ def _dz_u(mode, gv, sv, m, aa, b0, sl, isl):
     return gv, u
 
 
+# Each pass below is written twice, for (R, C) rows (inner loop over the contiguous channels) and
+# (N, C, L) planes (inner loop over one channel's plane); numba picks by the array's rank, and
+# the mode branch sits outside the inner loop so that loop vectorizes. Only the two reductions
+# are compiled with "reassoc" (as _planes_stats): on the affine passes it could fold μ_hi into b.
+def _sums(x, sh, s, q):  # noqa: ARG001  (typed by the overload below)
+    raise NotImplementedError
+
+
+@overload(_sums, jit_options={"fastmath": _FM_RED})  # reassoc: the sums vectorize
+def _sums_impl(x, sh, s, q):
+    if x.ndim == 2:
+        def rows(x, sh, s, q):
+            for c in range(x.shape[1]):
+                sh[c] = x[0, c]
+            for o in range(x.shape[0]):
+                xr = x[o]
+                for c in range(xr.shape[0]):
+                    d = np.float64(xr[c]) - sh[c]
+                    s[c] += d
+                    q[c] += d * d
+        return rows
+
+    def planes(x, sh, s, q):
+        for c in range(x.shape[1]):
+            sh[c] = x[0, c, 0]
+        for o in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                xr = x[o, c]
+                m = sh[c]
+                t = 0.0
+                u = 0.0
+                for i in range(xr.shape[0]):
+                    d = np.float64(xr[i]) - m
+                    t += d
+                    u += d * d
+                s[c] += t
+                q[c] += u
+    return planes
+
+
+def _affine_act(x, y, mhi, a, bb, act, sl):  # noqa: ARG001
+    raise NotImplementedError
+
+
+@overload(_affine_act, inline="always")
+def _affine_act_impl(x, y, mhi, a, bb, act, sl):
+    if x.ndim == 2:
+        def rows(x, y, mhi, a, bb, act, sl):
+            for o in range(x.shape[0]):
+                xr = x[o]
+                yr = y[o]
+                for c in range(xr.shape[0]):
+                    z = (xr[c] - mhi[c]) * a[c] + bb[c]
+                    if act != ACT_NONE and z < 0:
+                        z = z * sl if act == ACT_LEAKY else z - z
+                    yr[c] = z
+        return rows
+
+    def planes(x, y, mhi, a, bb, act, sl):
+        for o in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                xr = x[o, c]
+                yr = y[o, c]
+                m = mhi[c]
+                aa = a[c]
+                b0 = bb[c]
+                for i in range(xr.shape[0]):
+                    z = (xr[i] - m) * aa + b0
+                    if act != ACT_NONE and z < 0:
+                        z = z * sl if act == ACT_LEAKY else z - z
+                    yr[i] = z
+    return planes
+
+
 @njit(**_SER)
 def _small_forward(x, w, b, eps, act, slope, y, mean, var, mhi, a, bb):
-    o_, c_, i_ = x.shape
-    sh = np.empty(c_)
+    """Statistics + normalize on one thread; x is (R, C) rows or (N, C, L) planes."""
+    c_ = x.shape[1]
     s = np.zeros(c_)
     q = np.zeros(c_)
-    for c in range(c_):
-        sh[c] = x[0, c, 0]
-    for o in range(o_):
-        for c in range(c_):
-            for i in range(i_):
-                d = np.float64(x[o, c, i]) - sh[c]
-                s[c] += d
-                q[c] += d * d
-    m = np.float64(o_ * i_)
+    sh = np.empty(c_)
+    _sums(x, sh, s, q)
+    m = np.float64(x.size // c_)
     for c in range(c_):
         dm = s[c] / m
         mean[c] = sh[c] + dm  # μ_B
         var[c] = max((q[c] - s[c] * dm) / m, 0.0)  # σ²_B from shifted sums
     _affine_coef(mean, var, w, b, eps, mhi, a, bb)
-    sl = x.dtype.type(slope)
-    for o in range(o_):
-        for c in range(c_):
-            for i in range(i_):
-                z = (x[o, c, i] - mhi[c]) * a[c] + bb[c]
-                if z < 0 and act != ACT_NONE:
-                    z = z * sl if act == ACT_LEAKY else z - z
-                y[o, c, i] = z
+    _affine_act(x, y, mhi, a, bb, act, x.dtype.type(slope))
+
+
+def _bwd_sums(dy, sv, mode, mhi, a, bb, sl, isl, s1, s2, s3):  # noqa: ARG001
+    raise NotImplementedError
+
+
+@overload(_bwd_sums, jit_options={"fastmath": _FM_RED})
+def _bwd_sums_impl(dy, sv, mode, mhi, a, bb, sl, isl, s1, s2, s3):
+    if sv.ndim == 2:
+        def rows(dy, sv, mode, mhi, a, bb, sl, isl, s1, s2, s3):
+            for o in range(sv.shape[0]):
+                gr = dy[o]
+                sr = sv[o]
+                if mode == SAVED_X:
+                    for c in range(sr.shape[0]):
+                        u = sr[c] - mhi[c]
+                        s1[c] += gr[c]
+                        s2[c] += np.float64(gr[c] * u)
+                        s3[c] += u
+                else:
+                    for c in range(sr.shape[0]):
+                        g, u = _dz_u(mode, gr[c], sr[c], mhi[c], a[c], bb[c], sl, isl)
+                        s1[c] += g
+                        s2[c] += np.float64(g * u)
+                        s3[c] += u
+        return rows
+
+    def planes(dy, sv, mode, mhi, a, bb, sl, isl, s1, s2, s3):
+        for o in range(sv.shape[0]):
+            for c in range(sv.shape[1]):
+                gr = dy[o, c]
+                sr = sv[o, c]
+                m = mhi[c]
+                t1 = 0.0
+                t2 = 0.0
+                t3 = 0.0
+                if mode == SAVED_X:
+                    for i in range(sr.shape[0]):
+                        u = sr[i] - m
+                        t1 += gr[i]
+                        t2 += np.float64(gr[i] * u)
+                        t3 += u
+                else:
+                    for i in range(sr.shape[0]):
+                        g, u = _dz_u(mode, gr[i], sr[i], m, a[c], bb[c], sl, isl)
+                        t1 += g
+                        t2 += np.float64(g * u)
+                        t3 += u
+                s1[c] += t1
+                s2[c] += t2
+                s3[c] += t3
+    return planes
+
+
+def _bwd_dx(dy, sv, dx, mode, mhi, a, bb, sl, isl, ka, kb, kc):  # noqa: ARG001
+    raise NotImplementedError
+
+
+@overload(_bwd_dx, inline="always")
+def _bwd_dx_impl(dy, sv, dx, mode, mhi, a, bb, sl, isl, ka, kb, kc):
+    if sv.ndim == 2:
+        def rows(dy, sv, dx, mode, mhi, a, bb, sl, isl, ka, kb, kc):
+            for o in range(sv.shape[0]):
+                gr = dy[o]
+                sr = sv[o]
+                out = dx[o]
+                if mode == SAVED_X:
+                    for c in range(sr.shape[0]):
+                        out[c] = ka[c] * gr[c] + kb[c] * (sr[c] - mhi[c]) + kc[c]
+                else:
+                    for c in range(sr.shape[0]):
+                        g, u = _dz_u(mode, gr[c], sr[c], mhi[c], a[c], bb[c], sl, isl)
+                        out[c] = ka[c] * g + kb[c] * u + kc[c]
+        return rows
+
+    def planes(dy, sv, dx, mode, mhi, a, bb, sl, isl, ka, kb, kc):
+        for o in range(sv.shape[0]):
+            for c in range(sv.shape[1]):
+                gr = dy[o, c]
+                sr = sv[o, c]
+                out = dx[o, c]
+                m = mhi[c]
+                A = ka[c]
+                Bc = kb[c]
+                K = kc[c]
+                if mode == SAVED_X:
+                    for i in range(sr.shape[0]):
+                        out[i] = A * gr[i] + Bc * (sr[i] - m) + K
+                else:
+                    for i in range(sr.shape[0]):
+                        g, u = _dz_u(mode, gr[i], sr[i], m, a[c], bb[c], sl, isl)
+                        out[i] = A * g + Bc * u + K
+    return planes
 
 
 @njit(**_SER)
 def _small_backward(dy, sv, mode, mean, var, w, b, eps, slope, dx, dgamma, s1):
-    o_, c_, i_ = sv.shape
+    """Both reductions, then dx, on one thread; arrays are (R, C) rows or (N, C, L) planes."""
+    c_ = sv.shape[1]
     dt = sv.dtype
     mhi, a, bb = np.empty(c_, dt), np.empty(c_, dt), np.empty(c_, dt)
     _affine_coef(mean, var, w, b, eps, mhi, a, bb)
@@ -497,20 +653,10 @@ def _small_backward(dy, sv, mode, mean, var, w, b, eps, slope, dx, dgamma, s1):
     s1[:] = 0.0
     sl = dt.type(slope)
     isl = dt.type(1.0 / slope if slope != 0.0 else 0.0)
-    for o in range(o_):
-        for c in range(c_):
-            for i in range(i_):
-                g, u = _dz_u(mode, dy[o, c, i], sv[o, c, i], mhi[c], a[c], bb[c], sl, isl)
-                s1[c] += g
-                s2[c] += g * np.float64(u)
-                s3[c] += u
+    _bwd_sums(dy, sv, mode, mhi, a, bb, sl, isl, s1, s2, s3)
     ka, kb, kc = np.empty(c_, dt), np.empty(c_, dt), np.empty(c_, dt)
-    _bwd_coef(s1, s2, s3, mode, var, w, b, eps, np.float64(o_ * i_), ka, kb, kc, dgamma)
-    for o in range(o_):
-        for c in range(c_):
-            for i in range(i_):
-                g, u = _dz_u(mode, dy[o, c, i], sv[o, c, i], mhi[c], a[c], bb[c], sl, isl)
-                dx[o, c, i] = ka[c] * g + kb[c] * u + kc[c]
+    _bwd_coef(s1, s2, s3, mode, var, w, b, eps, np.float64(sv.size // c_), ka, kb, kc, dgamma)
+    _bwd_dx(dy, sv, dx, mode, mhi, a, bb, sl, isl, ka, kb, kc)
 
 
 # ====================================================================== torch-facing wrappers
@@ -620,16 +766,12 @@ def forward_act(
     ya = _view(y, layout)
     if xa.size < _SERIAL_BELOW:
         mean, var = np.empty(c), np.empty(c)
-        _small_forward(_3d(xa), w64, b64, float(eps), act, float(slope), _3d(ya), mean, var, mhi, a, bb)
+        _small_forward(xa, w64, b64, float(eps), act, float(slope), ya, mean, var, mhi, a, bb)
     else:
         mean, var = _stats(xa, layout)
         _affine_coef(mean, var, w64, b64, float(eps), mhi, a, bb)
         _apply(xa, ya, layout, mhi, a, bb, act, float(slope))
-    return y.to(x.dtype), torch.from_numpy(mean), torch.from_numpy(var)
-
-
-def _3d(a: np.ndarray) -> np.ndarray:
-    return a if a.ndim == 3 else a[:, :, None]
+    return _as(y, x.dtype), torch.from_numpy(mean), torch.from_numpy(var)
 
 
 def forward(
@@ -658,7 +800,7 @@ def eval_forward(
     )
     y = buffers.empty_like(xn)
     _apply(xa, _view(y, layout), layout, mhi, a, bb, act, float(slope))
-    return y.to(x.dtype)
+    return _as(y, x.dtype)
 
 
 def backward_act(
@@ -678,8 +820,8 @@ def backward_act(
         dx = buffers.empty_like(sn)
         dgamma, s1 = np.empty(c), np.empty(c)
         _small_backward(
-            _3d(ga), _3d(sa), mode, mean64, var64, w64, b64, float(eps), float(slope),
-            _3d(_view(dx, layout)), dgamma, s1,
+            ga, sa, mode, mean64, var64, w64, b64, float(eps), float(slope),
+            _view(dx, layout), dgamma, s1,
         )
         return _grads_out(dx, dgamma, s1, saved, weight)
     mhi, a, bb = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
@@ -713,7 +855,33 @@ def backward_act(
 def _grads_out(dx, dgamma, dbeta, saved, weight):
     """dx in the input's dtype; dγ, dβ in γ's dtype (reference.backward's contract), else acc."""
     dt = weight.dtype if weight is not None else _acc(saved.dtype)
-    return dx.to(saved.dtype), torch.from_numpy(dgamma).to(dt), torch.from_numpy(dbeta).to(dt)
+    return _as(dx, saved.dtype), _as(torch.from_numpy(dgamma), dt), _as(torch.from_numpy(dbeta), dt)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+@njit(**_SER)
+def _ema(mean, var, rm, rv, factor, corr):
+    for c in range(mean.shape[0]):
+        rm[c] += factor * (mean[c] - rm[c])  # running ← running + momentum·(μ_B − running)
+        rv[c] += factor * (var[c] * corr - rv[c])  # with the unbiased m/(m−1)·σ²_B
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, m: int, factor: float
+) -> bool:
+    """The EMA step in one compiled call; False (nothing touched) when a tensor is not a plain
+    contiguous float32/float64 CPU tensor, so the caller uses torch ops instead."""
+    ts = (running_mean, running_var, mean, var)
+    if not all(t.device.type == "cpu" and t.dtype in _NATIVE and t.is_contiguous() for t in ts):
+        return False
+    if running_mean.requires_grad or running_var.requires_grad:
+        return False
+    _ema(mean.detach().numpy(), var.detach().numpy(), running_mean.numpy(), running_var.numpy(),
+         float(factor), m / (m - 1.0))
+    return True
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -37,20 +37,34 @@ def get_backend() -> str:
     return _backend
 
 
-def kernel_for(x: Tensor) -> ModuleType:
-    """The module whose ``forward``/``backward`` compute this call: compiled CPU or reference."""
-    if _backend == "auto" and x.device.type == "cuda":
-        from . import cuda  # PyTorch's native CUDA primitives (verified in tests/test_cuda.py)
+_cpu_kernels: ModuleType | None | bool = False  # False: not looked up yet; None: numba missing
 
-        if cuda.supports(x):
-            return cuda
-    if _backend == "auto" and x.device.type == "cpu":
+
+def cpu_kernels() -> ModuleType | None:
+    """``ops.cpu`` (imported once, on first use), or None when numba is not installed."""
+    global _cpu_kernels
+    if _cpu_kernels is False:
         try:
             from . import cpu
         except ImportError:  # numba missing: the reference path still works
-            return reference
-        if cpu.supports(x):
-            return cpu
+            cpu = None
+        _cpu_kernels = cpu
+    return _cpu_kernels
+
+
+def kernel_for(x: Tensor) -> ModuleType:
+    """The module whose ``forward``/``backward`` compute this call: compiled CPU or reference."""
+    if _backend == "auto":
+        dev = x.device.type
+        if dev == "cpu":
+            cpu = cpu_kernels()
+            if cpu is not None and cpu.supports(x):
+                return cpu
+        elif dev == "cuda":
+            from . import cuda  # PyTorch's native CUDA primitives (verified in tests/test_cuda.py)
+
+            if cuda.supports(x):
+                return cuda
     return reference
 
 
@@ -105,9 +119,14 @@ def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
     if not (need_x or need_w or need_b):
         return None, None, None, None
     dx, dgamma, dbeta = backward_fn(dy.contiguous(memory_format=_fmt(x)), x, mean, var, weight, ctx.eps)
-    dw = dgamma.to(weight.dtype) if (weight is not None and need_w) else None
-    db = dbeta.to(weight.dtype if weight is not None else dbeta.dtype) if need_b else None
+    dw = _as(dgamma, weight.dtype) if (weight is not None and need_w) else None
+    db = _as(dbeta, weight.dtype) if (need_b and weight is not None) else dbeta if need_b else None
     return (dx if need_x else None), dw, db, None
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, skipping the no-op ``.to`` call (microseconds that matter on small batches)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _backward(ctx, dy, _dmean, _dvar):
@@ -121,7 +140,11 @@ class _EagerBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        y, mean, var = kernel_for(x).forward(x, weight, bias, eps)
+        k = kernel_for(x)
+        if k is _cpu_kernels:  # statistics stay float64 here: no conversion calls
+            y, mean, var = k.forward_act(x, weight, bias, eps, k.ACT_NONE, 0.0)
+        else:
+            y, mean, var = k.forward(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
@@ -282,3 +305,41 @@ def _act_backward(ctx, dy, _dmean, _dvar):
 
 
 bn_act.register_autograd(_act_backward, setup_context=_act_setup_context)
+
+
+class _EagerBatchNormAct(torch.autograd.Function):
+    """Eager fast path of ``bn_act`` (as ``_EagerBatchNorm`` is of ``bn_forward``): the same
+    forward, saved tensors and backward, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, act, slope, save):
+        y, mean, var = _act_forward(x, weight, bias, eps, act, slope)
+        _act_setup_context(ctx, (x, weight, bias, eps, act, slope, save), (y, mean, var))
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        saved, weight, bias, mean, var = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if not (need_x or need_w or need_b):
+            return None, None, None, None, None, None, None
+        dy = dy.contiguous(memory_format=_fmt(saved))
+        k = kernel_for(saved)
+        fn = k.backward_act if k is _cpu_kernels else _act_backward_reference
+        dx, dgamma, dbeta = fn(dy, saved, mean, var, weight, bias, ctx.eps, ctx.save, ctx.slope)
+        dw = dgamma if (weight is not None and need_w) else None
+        db = _as(dbeta, bias.dtype) if (bias is not None and need_b) else None
+        return (dx if need_x else None), dw, db, None, None, None, None
+
+
+def bn_act_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: int, slope: float,
+    save: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused BN + activation, (y, μ_B, σ²_B): the custom op ``bn_act`` under tracing or for tensor
+    subclasses, the eager fast path for plain tensors (see :func:`batch_norm_train`)."""
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in tensors):
+        return bn_act(x, weight, bias, eps, act, slope, save)
+    return _EagerBatchNormAct.apply(x, weight, bias, eps, act, slope, save)
