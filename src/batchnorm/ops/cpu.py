@@ -40,6 +40,8 @@ _FM = {"nsz", "arcp", "contract", "afn"}
 _RED = dict(parallel=True, cache=True, fastmath=_FM_RED, nogil=True)
 _PAR = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
 _SER = dict(cache=True, fastmath=_FM, nogil=True)
+# Merging the per-block partials is a few thousand float64 adds: one thread, no pool wake-up.
+_SER_MERGE = dict(cache=True, fastmath=_FM_RED, nogil=True)
 _BLOCK = 4096  # planes: values per work item (16 KB float32, in L1 for the block's second pass)
 _SUB = 32768  # rows: values per sub-block of a chunk (128 KB float32, in L2)
 _SERIAL_BELOW = 1 << 16  # fewer values than this: one thread (waking the pool costs more)
@@ -77,9 +79,9 @@ def _planes_stats(x, bs, pmean, pm2, pcnt):
         pcnt[it] = k
 
 
-@njit(**_PAR)
+@njit(**_SER_MERGE)
 def _planes_merge(pmean, pm2, pcnt, n_, c_, nb, mean, var):
-    for c in prange(c_):
+    for c in range(c_):
         s = 0.0
         tot = 0.0
         for n in range(n_):
@@ -137,10 +139,10 @@ def _rows_stats(x, nchunk, sub, pmean, pm2, pcnt):
         pcnt[k] = na
 
 
-@njit(**_PAR)
+@njit(**_SER_MERGE)
 def _rows_merge(pmean, pm2, pcnt, mean, var):
     nchunk, c_ = pmean.shape
-    for c in prange(c_):
+    for c in range(c_):
         s = 0.0
         tot = 0.0
         for k in range(nchunk):
@@ -268,9 +270,9 @@ def _planes_bwd_reduce(dy, s, mode, mhi, a, bb, slope, bs, p1, p2, p3):
         p3[it] = s3
 
 
-@njit(**_PAR)
+@njit(**_SER_MERGE)
 def _planes_sum(p1, p2, p3, n_, c_, nb, s1, s2, s3):
-    for c in prange(c_):
+    for c in range(c_):
         t1 = 0.0
         t2 = 0.0
         t3 = 0.0
@@ -372,10 +374,10 @@ def _rows_bwd_reduce(dy, s, mode, mhi, a, bb, slope, nchunk, sub, p1, p2, p3):
                 p3[k, c] += t3[c]
 
 
-@njit(**_PAR)
+@njit(**_SER_MERGE)
 def _rows_sum(p1, p2, p3, s1, s2, s3):
     nchunk, c_ = p1.shape
-    for c in prange(c_):
+    for c in range(c_):
         t1 = 0.0
         t2 = 0.0
         t3 = 0.0
