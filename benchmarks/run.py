@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 import batchnorm as B
+from batchnorm.ops import buffers
 
 SHAPES = [(64, 64, 56, 56), (256, 256, 14, 14), (128, 32, 28, 28), (60, 100), (1024, 4096)]
 WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 # Memory passes over one activation (reads + writes) of the minimal algorithm:
-PASSES = {"fwd": 3, "fwd+bwd": 8, "bn+relu fwd+bwd": 8}
+PASSES = {"fwd": 3, "fwd+bwd": 8, "fwd+bwd, no cache": 8, "bn+relu fwd+bwd": 8}
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:
@@ -95,9 +96,19 @@ def bench_shape(shape, repeats: int, bw: float) -> list[dict]:
             f(xg).backward(g)
         return run
 
+    def uncached(f):  # ours with the output-buffer cache off (ops/buffers.py): fresh memory
+        def run():
+            old = buffers.set_limit(0)
+            try:
+                f()
+            finally:
+                buffers.set_limit(old)
+        return run
+
     cases = {
         "fwd": (lambda: _nograd(tbn, x), lambda: _nograd(obn, x)),
         "fwd+bwd": (step(tbn), step(obn)),
+        "fwd+bwd, no cache": (step(tbn), uncached(step(obn))),
         "bn+relu fwd+bwd": (step(lambda t: relu(tbn(t))), step(oact)),
     }
     rows = []
@@ -106,7 +117,7 @@ def bench_shape(shape, repeats: int, bw: float) -> list[dict]:
         gbs = PASSES[name] * x.nbytes / to / 1e9
         row = dict(shape=shape, case=name, torch_ms=tt * 1e3, ours_ms=to * 1e3, speedup=tt / to,
                    gbs=gbs, of_copy=gbs / bw, faults=faults(fo))
-        if name != "fwd":
+        if name in ("fwd+bwd", "bn+relu fwd+bwd"):
             fn_t = (lambda t: relu(tbn(t))) if "relu" in name else tbn
             fn_o = oact if "relu" in name else obn
             row["saved_torch"], row["saved_ours"] = saved_bytes(fn_t, x), saved_bytes(fn_o, x)
@@ -146,9 +157,11 @@ class LeNet(nn.Module):
 
 
 def bench_lenet(repeats: int) -> dict[str, float]:
+    """Median step time per variant. The variants take turns, five steps each, for ``4·repeats``
+    rounds, so a slow spell of a shared machine hits them all alike."""
     torch.manual_seed(0)
     x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    out = {}
+    steps = {}
     for bn in ("none", "torch", "ours", "ours fused"):
         model = LeNet(bn)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -158,8 +171,17 @@ def bench_lenet(repeats: int) -> dict[str, float]:
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
 
-        out[bn] = median_time(step, repeats * 4, warmup=5)
-    return out
+        for _ in range(5):
+            step()
+        steps[bn] = step
+    times: dict[str, list[float]] = {bn: [] for bn in steps}
+    for _ in range(4 * repeats):
+        for bn, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step()
+            times[bn].append((time.perf_counter() - t0) / 5)
+    return {bn: sorted(ts)[len(ts) // 2] for bn, ts in times.items()}
 
 
 def print_table(rows, bw, lenet, title) -> None:
