@@ -111,15 +111,19 @@ def test_leaky_saves_output_and_small_gamma_falls_back_to_input_exactly():
 
 @pytest.mark.parametrize("act,save", [(0, 2), (1, 1), (2, 2), (2, 1), (0, 1)])
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_op_gradcheck_float64(act, save, backend):
+@pytest.mark.parametrize("entry", ["op", "eager"])
+def test_op_gradcheck_float64(act, save, backend, entry):
+    """Both entries: the torch.library op (tracing) and the eager autograd.Function (layers)."""
     old = library.set_backend(backend)
     try:
         x = torch.randn(3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
         w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
         b = torch.randn(4, dtype=torch.float64, requires_grad=True)
 
+        fn = library.bn_act if entry == "op" else library.bn_act_train
+
         def f(x, w, b):
-            return library.bn_act(x, w, b, 1e-5, act, 0.3, save)[0]
+            return fn(x, w, b, 1e-5, act, 0.3, save)[0]
 
         assert torch.autograd.gradcheck(f, (x, w, b))
     finally:

@@ -162,3 +162,30 @@ def test_scaling_invariance_breaks_only_through_eps():
     y1 = BF.batch_norm(x, None, None, training=True, eps=1e-3)
     y2 = BF.batch_norm(100 * x, None, None, training=True, eps=1e-3)
     assert (y1 - y2).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_running_stats_update_compiled_matches_torch_ops(dtype):
+    """The one-call EMA (ops/cpu.py) and the torch-op EMA (reference backend) agree; a strided
+    running buffer, which the compiled path declines, still gets the same update."""
+    torch.manual_seed(0)
+    mean, var = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.1
+    rm0, rv0 = torch.randn(6, dtype=dtype), torch.rand(6, dtype=dtype) + 1
+    out = {}
+    for backend in ("auto", "reference"):
+        old = library.set_backend(backend)
+        try:
+            rm, rv = rm0.clone(), rv0.clone()
+            BF.update_running_stats(rm, rv, mean, var, 10, 0.3)
+            out[backend] = (rm, rv)
+        finally:
+            library.set_backend(old)
+    for a, b, a0 in zip(out["auto"], out["reference"], (rm0, rv0), strict=True):
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(a, a0)  # updated
+    torch.manual_seed(0)
+    base = torch.randn(12, dtype=dtype)
+    rm, rv = base[::2], torch.rand(6, dtype=dtype) + 1  # non-contiguous running mean
+    expect_m = rm + 0.3 * (mean.to(dtype) - rm)
+    BF.update_running_stats(rm, rv, mean, var, 10, 0.3)
+    torch.testing.assert_close(base[::2], expect_m)

@@ -369,9 +369,9 @@ def _rows_bwd_reduce(dy, s, mode, mhi, a, bb, slope, nchunk, sub, p1, p2, p3):
                         t2[c] += g0[c] * u0 + g1[c] * u1
                         t3[c] += u0 + u1
                     r += 2
-            for r in range(r, re):
-                sr = s[r]
-                gr = dy[r]
+            for rr in range(r, re):
+                sr = s[rr]
+                gr = dy[rr]
                 if mode == SAVED_X:
                     for c in range(c_):
                         u = sr[c] - mhi[c]
