@@ -54,16 +54,22 @@ SAVED_X, SAVED_X_ACT, SAVED_Y = 0, 1, 2  # backward from x, from x through an ac
 
 
 # ====================================================================== statistics (Algorithm 1)
+@njit(inline="always")
+def _block(it, nb, c_, bs, l_):
+    """Work item ``it`` of the planes kernels → (n, c, lo, hi): plane (n, c), values lo:hi."""
+    p = it // nb
+    n = p // c_
+    c = p - n * c_
+    lo = (it - p * nb) * bs
+    return n, c, lo, min(lo + bs, l_)
+
+
 @njit(**_RED)
 def _planes_stats(x, bs, pmean, pm2, pcnt):
     n_, c_, l_ = x.shape
     nb = (l_ + bs - 1) // bs
     for it in prange(n_ * c_ * nb):
-        p = it // nb
-        n = p // c_
-        c = p - n * c_
-        lo = (it - p * nb) * bs
-        hi = min(lo + bs, l_)
+        n, c, lo, hi = _block(it, nb, c_, bs, l_)
         blk = x[n, c, lo:hi]  # a slice indexed from 0: LLVM drops the wraparound check, vectorizes
         sh = blk[0]  # shift by a sample of the block: d = x − sh is exact for clustered data
         s = sh - sh
@@ -235,16 +241,31 @@ def _rows_affine(x, y, mhi, a, bb, act, slope, nchunk):
 # u is what the backward reads per value: x − μ_hi (modes SAVED_X, SAVED_X_ACT) or the
 # pre-activation z recovered from y (SAVED_Y); x̂ = p·u + q per channel. dz is dy, or dy·slope
 # where z ≤ 0 (z recomputed from x: ReLU has slope 0) or y < 0 (leaky ReLU from its output).
+@njit(inline="always")
+def _dz_u(mode, gv, sv, m, aa, b0, sl, isl):
+    """(dz, u) of one value in an activation mode (the docstring comment above)."""
+    if mode == SAVED_Y:
+        if sv < 0:
+            return gv * sl, sv * isl
+        return gv, sv
+    u = sv - m
+    if mode == SAVED_X_ACT and not (u * aa + b0 > 0):
+        return gv * sl, u
+    return gv, u
+
+
+@njit(inline="always")
+def _slopes(s, slope):
+    """(slope, 1/slope) in s's dtype; 1/slope is 0 for ReLU (slope 0, never inverted)."""
+    return s.dtype.type(slope), s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
+
+
 @njit(**_RED)
 def _planes_bwd_reduce(dy, s, mode, mhi, a, bb, slope, bs, p1, p2, p3):
     n_, c_, l_ = s.shape
     nb = (l_ + bs - 1) // bs
     for it in prange(n_ * c_ * nb):
-        p = it // nb
-        n = p // c_
-        c = p - n * c_
-        lo = (it - p * nb) * bs
-        hi = min(lo + bs, l_)
+        n, c, lo, hi = _block(it, nb, c_, bs, l_)
         sr = s[n, c, lo:hi]  # slices indexed from 0 (see _planes_stats)
         gr = dy[n, c, lo:hi]
         m = mhi[c]
@@ -258,26 +279,14 @@ def _planes_bwd_reduce(dy, s, mode, mhi, a, bb, slope, bs, p1, p2, p3):
                 s1 += gr[i]  # Σ dL/dy_i
                 s2 += gr[i] * u  # Σ dL/dy_i (x_i − μ_hi)
                 s3 += u  # Σ (x_i − μ_hi): re-centres on the exact μ_B (the saved one is rounded)
-        elif mode == SAVED_X_ACT:
-            aa = a[c]
-            b0 = bb[c]
-            sl = s.dtype.type(slope)
+        else:  # through the activation (see _dz_u)
+            aa, b0 = a[c], bb[c]
+            sl, isl = _slopes(s, slope)
             for i in range(hi - lo):
-                u = sr[i] - m
-                g = gr[i] if u * aa + b0 > zero else gr[i] * sl  # z = γ x̂ + β recomputed
+                g, u = _dz_u(mode, gr[i], sr[i], m, aa, b0, sl, isl)
                 s1 += g
                 s2 += g * u
                 s3 += u
-        else:
-            sl = s.dtype.type(slope)
-            isl = s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
-            for i in range(hi - lo):
-                yv = sr[i]
-                neg = yv < zero
-                g = gr[i] * sl if neg else gr[i]
-                u = yv * isl if neg else yv
-                s1 += g
-                s2 += g * u
         p1[it] = s1
         p2[it] = s2
         p3[it] = s3
@@ -310,29 +319,17 @@ def _planes_bwd_dx(dy, s, dx, mode, mhi, a, bb, slope, ka, kb, kc):
         gr = dy[n, c]
         out = dx[n, c]
         m = mhi[c]
-        zero = m - m
         A = ka[c]
         B = kb[c]
         K = kc[c]
         if mode == SAVED_X:
             for i in range(l_):
                 out[i] = A * gr[i] + B * (sr[i] - m) + K  # dL/dx_i, Section 3 collapsed
-        elif mode == SAVED_X_ACT:
-            aa = a[c]
-            b0 = bb[c]
-            sl = s.dtype.type(slope)
-            for i in range(l_):
-                u = sr[i] - m
-                g = gr[i] if u * aa + b0 > zero else gr[i] * sl
-                out[i] = A * g + B * u + K
         else:
-            sl = s.dtype.type(slope)
-            isl = s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
+            aa, b0 = a[c], bb[c]
+            sl, isl = _slopes(s, slope)
             for i in range(l_):
-                yv = sr[i]
-                neg = yv < zero
-                g = gr[i] * sl if neg else gr[i]
-                u = yv * isl if neg else yv
+                g, u = _dz_u(mode, gr[i], sr[i], m, aa, b0, sl, isl)
                 out[i] = A * g + B * u + K
 
 
@@ -345,8 +342,7 @@ def _rows_bwd_reduce(dy, s, mode, mhi, a, bb, slope, nchunk, sub, p1, p2, p3):
         t1 = np.empty(c_, s.dtype)
         t2 = np.empty(c_, s.dtype)
         t3 = np.empty(c_, s.dtype)
-        sl = s.dtype.type(slope)
-        isl = s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
+        sl, isl = _slopes(s, slope)
         for c in range(c_):
             p1[k, c] = 0.0
             p2[k, c] = 0.0
@@ -378,21 +374,12 @@ def _rows_bwd_reduce(dy, s, mode, mhi, a, bb, slope, nchunk, sub, p1, p2, p3):
                         t1[c] += gr[c]
                         t2[c] += gr[c] * u
                         t3[c] += u
-                elif mode == SAVED_X_ACT:
+                else:  # through the activation (see _dz_u)
                     for c in range(c_):
-                        u = sr[c] - mhi[c]
-                        g = gr[c] if u * a[c] + bb[c] > 0 else gr[c] * sl
+                        g, u = _dz_u(mode, gr[c], sr[c], mhi[c], a[c], bb[c], sl, isl)
                         t1[c] += g
                         t2[c] += g * u
                         t3[c] += u
-                else:
-                    for c in range(c_):
-                        yv = sr[c]
-                        neg = yv < 0
-                        g = gr[c] * sl if neg else gr[c]
-                        u = yv * isl if neg else yv
-                        t1[c] += g
-                        t2[c] += g * u
             for c in range(c_):  # flush float32 sub-block sums into float64
                 p1[k, c] += t1[c]
                 p2[k, c] += t2[c]
@@ -418,8 +405,7 @@ def _rows_sum(p1, p2, p3, s1, s2, s3):
 @njit(**_PAR)
 def _rows_bwd_dx(dy, s, dx, mode, mhi, a, bb, slope, ka, kb, kc, nchunk):
     r_, c_ = s.shape
-    sl = s.dtype.type(slope)
-    isl = s.dtype.type(1.0 / slope if slope != 0.0 else 0.0)
+    sl, isl = _slopes(s, slope)
     for k in prange(nchunk):
         r0 = k * r_ // nchunk
         r1 = (k + 1) * r_ // nchunk
@@ -430,17 +416,9 @@ def _rows_bwd_dx(dy, s, dx, mode, mhi, a, bb, slope, ka, kb, kc, nchunk):
             if mode == SAVED_X:
                 for c in range(c_):
                     out[c] = ka[c] * gr[c] + kb[c] * (sr[c] - mhi[c]) + kc[c]
-            elif mode == SAVED_X_ACT:
-                for c in range(c_):
-                    u = sr[c] - mhi[c]
-                    g = gr[c] if u * a[c] + bb[c] > 0 else gr[c] * sl
-                    out[c] = ka[c] * g + kb[c] * u + kc[c]
             else:
                 for c in range(c_):
-                    yv = sr[c]
-                    neg = yv < 0
-                    g = gr[c] * sl if neg else gr[c]
-                    u = yv * isl if neg else yv
+                    g, u = _dz_u(mode, gr[c], sr[c], mhi[c], a[c], bb[c], sl, isl)
                     out[c] = ka[c] * g + kb[c] * u + kc[c]
 
 
@@ -471,19 +449,6 @@ def _bwd_coef(s1, s2, s3, mode, var, w, b, eps, m, ka, kb, kc, dgamma):
 # Below _SERIAL_BELOW values, waking the thread pool and dispatching five kernels costs more than
 # the work; these do statistics + normalize (or reduce + dx) in one call on one thread, in float64
 # accumulators, over a (outer, C, inner) view: planes (N, C, L) or rows (R, C, 1).
-@njit(inline="always")
-def _dz_u(mode, gv, sv, m, aa, b0, sl, isl):
-    """(dz, u) of one value: see the backward kernels above."""
-    if mode == SAVED_Y:
-        if sv < 0:
-            return gv * sl, sv * isl
-        return gv, sv
-    u = sv - m
-    if mode == SAVED_X_ACT and not (u * aa + b0 > 0):
-        return gv * sl, u
-    return gv, u
-
-
 # Each pass below is written twice, for (R, C) rows (inner loop over the contiguous channels) and
 # (N, C, L) planes (inner loop over one channel's plane); numba picks by the array's rank, and
 # the mode branch sits outside the inner loop so that loop vectorizes. Only the two reductions
@@ -678,8 +643,7 @@ def _small_backward(dy, sv, mode, mean, var, w, b, eps, slope, dx, dgamma, s1):
     s2 = np.zeros(c_)
     s3 = np.zeros(c_)
     s1[:] = 0.0
-    sl = dt.type(slope)
-    isl = dt.type(1.0 / slope if slope != 0.0 else 0.0)
+    sl, isl = _slopes(sv, slope)
     _bwd_sums(dy, sv, mode, mhi, a, bb, sl, isl, s1, s2, s3)
     ka, kb, kc = np.empty(c_, dt), np.empty(c_, dt), np.empty(c_, dt)
     _bwd_coef(s1, s2, s3, mode, var, w, b, eps, np.float64(sv.size // c_), ka, kb, kc, dgamma)
