@@ -27,6 +27,7 @@ __all__ = [
     "batch_norm",
     "check_input",
     "decay_from_momentum",
+    "ema_factor",
     "momentum_from_decay",
     "update_running_stats",
 ]
@@ -104,6 +105,15 @@ def _check_param(name: str, t: Tensor | None, c: int) -> None:
         )
 
 
+def ema_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    """Count this batch in ``num_batches_tracked`` (when given) and return the EMA weight of the
+    batch: ``momentum``, or 1/t for the t-th batch when ``momentum`` is None (cumulative average)."""
+    if num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+    return momentum if momentum is not None else 1.0 / float(num_batches_tracked.item())
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -164,10 +174,7 @@ def batch_norm(
 
     y, mean, var = library.batch_norm_train(input, weight, bias, float(eps))
     if running_mean is not None:
-        if num_batches_tracked is not None:
-            with torch.no_grad():
-                num_batches_tracked.add_(1)
-        factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked.item())
+        factor = ema_factor(momentum, num_batches_tracked)
         update_running_stats(
             running_mean, running_var, mean.detach(), var.detach(),
             reference.values_per_channel(input), factor,

@@ -101,10 +101,7 @@ class _BatchNormAct(BatchNormBase):
             x, self.weight, self.bias, float(self.eps), act, slope, self._save_mode(x)
         )
         if rm is not None:  # the same EMA as functional.batch_norm (unbiased σ²_B)
-            if nbt is not None:
-                with torch.no_grad():
-                    nbt.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(nbt.item())
+            factor = BF.ema_factor(self.momentum, nbt)
             BF.update_running_stats(
                 rm, rv, mean.detach(), var.detach(), values_per_channel(x), factor
             )

@@ -77,9 +77,7 @@ class _FrozenBatchNormBase(BatchNormBase):
             old_mean, old_var = self.running_mean.clone(), self.running_var.clone()
             with torch.no_grad():
                 mean, var = reference.batch_stats(x)
-                self.num_batches_tracked.add_(1)
-                nbt = float(self.num_batches_tracked)
-                factor = self.momentum if self.momentum is not None else 1.0 / nbt
+                factor = BF.ema_factor(self.momentum, self.num_batches_tracked)
                 BF.update_running_stats(self.running_mean, self.running_var, mean, var,
                                         reference.values_per_channel(x), factor)
             return reference.eval_forward(x, old_mean, old_var, self.weight, self.bias, self.eps)

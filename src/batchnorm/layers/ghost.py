@@ -74,8 +74,7 @@ class _GhostBatchNormBase(BatchNormBase):
                 mean = sum(m * mu for m, mu, _ in stats) / m_tot  # Σ m_k μ_k / Σ m_k
                 dof = sum(m - 1 for m, _, _ in stats)
                 unbiased = sum(m * v for m, _, v in stats) / dof  # Σ m_k σ²_k / Σ (m_k − 1)
-                nbt.add_(1)
-                factor = self.momentum if self.momentum is not None else 1.0 / float(nbt)
+                factor = BF.ema_factor(self.momentum, nbt)
                 rm.lerp_(mean.to(rm.dtype), factor)  # the EMA of functional.update_running_stats
                 rv.lerp_(unbiased.to(rv.dtype), factor)
         return torch.cat(outs, dim=0)

@@ -92,9 +92,7 @@ class _BatchRenormBase(BatchNormBase):
             r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
             d = ((mean - self.running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
             # Running stats are updated after r, d used the old ones (paper, Algorithm 1).
-            self.num_batches_tracked.add_(1)
-            nbt = float(self.num_batches_tracked)
-            factor = self.momentum if self.momentum is not None else 1.0 / nbt
+            factor = BF.ema_factor(self.momentum, self.num_batches_tracked)
             BF.update_running_stats(self.running_mean, self.running_var, mean, var,
                                     reference.values_per_channel(x), factor)
         r = r.to(x.dtype)

@@ -169,8 +169,7 @@ class SyncBatchNorm(BatchNormBase):
         invstd = torch.rsqrt(var + self.eps)
         rm, rv, nbt = self._running_buffers()
         if rm is not None:
-            nbt.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / float(nbt)
+            factor = BF.ema_factor(self.momentum, nbt)
             BF.update_running_stats(rm, rv, mean, var, total, factor)
         return _SyncNormalize.apply(x, self.weight, self.bias, mean.to(acc), invstd.to(acc), total,
                                     self.process_group, self.timeout)
