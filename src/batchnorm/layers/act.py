@@ -81,20 +81,9 @@ class _BatchNormAct(BatchNormBase):
         self.check_input(x)
         act, slope = self._act()
         if not self._uses_batch_stats():  # inference: one fused scale-shift-activation pass
-            needs_grad = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, self.weight, self.bias)
+            return library.eval_forward(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, act, slope
             )
-            if not needs_grad and not torch.compiler.is_compiling():
-                k = library.kernel_for(x)
-                if k.__name__.endswith(".cpu"):
-                    return k.eval_forward(
-                        x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                        act, slope,
-                    )
-            y = library.eval_forward(
-                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
-            return library._act_torch(y, act, slope)
 
         rm, rv, nbt = self._running_buffers()
         y, mean, var = library.bn_act_train(

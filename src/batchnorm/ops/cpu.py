@@ -32,6 +32,7 @@ from numba.extending import overload
 from torch import Tensor
 
 from . import buffers
+from .reference import acc_dtype, as_dtype
 
 # No nnan/ninf: NaN and inf still propagate. "reassoc" (needed to vectorize a sum) only on the
 # reductions: on (x − μ_hi)·a + b it would let LLVM fold μ_hi into b and lose the exact centring.
@@ -762,7 +763,7 @@ def forward_act(
         mean, var = _stats(xa, layout)
         _affine_coef(mean, var, w64, b64, float(eps), mhi, a, bb)
         _apply(xa, ya, layout, mhi, a, bb, act, float(slope))
-    return _as(y, x.dtype), torch.from_numpy(mean), torch.from_numpy(var)
+    return as_dtype(y, x.dtype), torch.from_numpy(mean), torch.from_numpy(var)
 
 
 def forward(
@@ -770,7 +771,7 @@ def forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Algorithm 1 on a training batch: (y, μ_B, σ²_B biased), y in x's dtype and memory format."""
     y, mean, var = forward_act(x, weight, bias, eps, ACT_NONE, 0.0)
-    sd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sd = acc_dtype(x.dtype)
     return y, mean.to(sd), var.to(sd)
 
 
@@ -791,7 +792,7 @@ def eval_forward(
     )
     y = buffers.empty_like(xn)
     _apply(xa, _view(y, layout), layout, mhi, a, bb, act, float(slope))
-    return _as(y, x.dtype)
+    return as_dtype(y, x.dtype)
 
 
 def backward_act(
@@ -845,12 +846,8 @@ def backward_act(
 
 def _grads_out(dx, dgamma, dbeta, saved, weight):
     """dx in the input's dtype; dγ, dβ in γ's dtype (reference.backward's contract), else acc."""
-    dt = weight.dtype if weight is not None else _acc(saved.dtype)
-    return _as(dx, saved.dtype), _as(torch.from_numpy(dgamma), dt), _as(torch.from_numpy(dbeta), dt)
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+    dt = weight.dtype if weight is not None else acc_dtype(saved.dtype)
+    return as_dtype(dx, saved.dtype), as_dtype(torch.from_numpy(dgamma), dt), as_dtype(torch.from_numpy(dbeta), dt)
 
 
 @njit(**_SER)
@@ -873,10 +870,6 @@ def update_running_stats(
     _ema(mean.detach().numpy(), var.detach().numpy(), running_mean.numpy(), running_var.numpy(),
          float(factor), m / (m - 1.0))
     return True
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def backward(

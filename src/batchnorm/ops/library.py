@@ -52,6 +52,11 @@ def cpu_kernels() -> ModuleType | None:
     return _cpu_kernels
 
 
+def _compiled(k: ModuleType) -> bool:
+    """Whether kernel_for chose the compiled CPU kernels (they have fused-activation entries)."""
+    return k is _cpu_kernels
+
+
 def kernel_for(x: Tensor) -> ModuleType:
     """The module whose ``forward``/``backward`` compute this call: compiled CPU or reference."""
     if _backend == "auto":
@@ -119,14 +124,9 @@ def _grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
     if not (need_x or need_w or need_b):
         return None, None, None, None
     dx, dgamma, dbeta = backward_fn(dy.contiguous(memory_format=_fmt(x)), x, mean, var, weight, ctx.eps)
-    dw = _as(dgamma, weight.dtype) if (weight is not None and need_w) else None
-    db = _as(dbeta, weight.dtype) if (need_b and weight is not None) else dbeta if need_b else None
+    dw = reference.as_dtype(dgamma, weight.dtype) if (weight is not None and need_w) else None
+    db = reference.as_dtype(dbeta, weight.dtype) if (need_b and weight is not None) else dbeta if need_b else None
     return (dx if need_x else None), dw, db, None
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype, skipping the no-op ``.to`` call (microseconds that matter on small batches)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _backward(ctx, dy, _dmean, _dvar):
@@ -141,7 +141,7 @@ class _EagerBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         k = kernel_for(x)
-        if k is _cpu_kernels:  # statistics stay float64 here: no conversion calls
+        if _compiled(k):  # statistics stay float64 here: no conversion calls
             y, mean, var = k.forward_act(x, weight, bias, eps, k.ACT_NONE, 0.0)
         else:
             y, mean, var = k.forward(x, weight, bias, eps)
@@ -163,10 +163,15 @@ def batch_norm_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BN, (y, μ_B, σ²_B): the custom op under tracing or for tensor subclasses
     (fake, functional, distributed tensors), the eager fast path for plain tensors."""
-    tensors = [t for t in (x, weight, bias) if t is not None]
-    if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in tensors):
+    if _use_op(x, weight, bias):
         return bn_forward(x, weight, bias, eps)
     return _EagerBatchNorm.apply(x, weight, bias, eps)
+
+
+def _use_op(*tensors: Tensor | None) -> bool:
+    """The custom op (not the eager fast path) while tracing or for tensor subclasses."""
+    plain = all(t is None or type(t) in _PLAIN for t in tensors)
+    return torch.compiler.is_compiling() or not plain
 
 
 def _fmt(x: Tensor) -> torch.memory_format:
@@ -184,18 +189,20 @@ bn_forward.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------- eval forward (Algorithm 2)
 def eval_forward(
     x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
-    bias: Tensor | None, eps: float,
+    bias: Tensor | None, eps: float, act: int = 0, slope: float = 0.0,
 ) -> Tensor:
-    """Inference y = γ/sqrt(Var+ε)·(x − E) + β: one compiled pass on CPU when nothing needs a
-    gradient (and not while ``torch.compile`` traces); the differentiable reference otherwise."""
+    """Inference y = act(γ/sqrt(Var+ε)·(x − E) + β) (``act``: a value of ACTIVATIONS, 0 = none):
+    one compiled pass on CPU when nothing needs a gradient (and not while ``torch.compile``
+    traces); the differentiable reference, then the activation, otherwise."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, running_mean, running_var, weight, bias)
     )
     if not needs_grad and not torch.compiler.is_compiling():
         k = kernel_for(x)
-        if k.__name__.endswith(".cpu"):
-            return k.eval_forward(x, running_mean, running_var, weight, bias, eps)
-    return reference.eval_forward(x, running_mean, running_var, weight, bias, eps)
+        if _compiled(k):
+            return k.eval_forward(x, running_mean, running_var, weight, bias, eps, act, slope)
+    y = reference.eval_forward(x, running_mean, running_var, weight, bias, eps)
+    return _act_torch(y, act, slope)
 
 
 # ---------------------------------------------------------------- fused BN + activation
@@ -219,7 +226,7 @@ def _act_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(act(BN(x)), μ_B, σ²_B biased); the statistics in float64 so backward recomputes z exactly."""
     k = kernel_for(x)
-    if k.__name__.endswith(".cpu"):
+    if _compiled(k):
         return k.forward_act(x, weight, bias, eps, act, slope)
     y, mean, var = k.forward(x, weight, bias, eps)
     return _act_torch(y, act, slope), mean.double(), var.double()
@@ -254,8 +261,13 @@ def bn_act_backward(
     bias: Tensor | None, eps: float, mode: int, slope: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dx, dL/dγ, dL/dβ) from the saved x (mode SAVE_INPUT) or the saved y (SAVE_OUTPUT)."""
+    return _act_backward_kernel(dy, saved, mean, var, weight, bias, eps, mode, slope)
+
+
+def _act_backward_kernel(dy, saved, mean, var, weight, bias, eps, mode, slope):
+    """bn_act_backward's computation: the compiled kernels where they apply, else the reference."""
     k = kernel_for(saved)
-    if k.__name__.endswith(".cpu"):
+    if _compiled(k):
         return k.backward_act(dy, saved, mean, var, weight, bias, eps, mode, slope)
     return _act_backward_reference(dy, saved, mean, var, weight, bias, eps, mode, slope)
 
@@ -290,18 +302,23 @@ def _act_setup_context(ctx, inputs, output) -> None:
     ctx.eps, ctx.slope, ctx.save = eps, (0.0 if act == 1 else slope if act == 2 else 1.0), save
 
 
-def _act_backward(ctx, dy, _dmean, _dvar):
+def _act_grads(ctx, dy: Tensor, backward_fn) -> tuple[Tensor | None, ...]:
+    """The fused op's gradients for the inputs that need them, from what _act_setup_context saved."""
     saved, weight, bias, mean, var = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if not (need_x or need_w or need_b):
         return None, None, None, None, None, None, None
-    dx, dgamma, dbeta = bn_act_backward(
+    dx, dgamma, dbeta = backward_fn(
         dy.contiguous(memory_format=_fmt(saved)), saved, mean, var, weight, bias, ctx.eps,
         ctx.save, ctx.slope,
     )
     dw = dgamma if (weight is not None and need_w) else None
-    db = dbeta.to(bias.dtype) if (bias is not None and need_b) else None
+    db = reference.as_dtype(dbeta, bias.dtype) if (bias is not None and need_b) else None
     return (dx if need_x else None), dw, db, None, None, None, None
+
+
+def _act_backward(ctx, dy, _dmean, _dvar):
+    return _act_grads(ctx, dy, bn_act_backward)
 
 
 bn_act.register_autograd(_act_backward, setup_context=_act_setup_context)
@@ -320,17 +337,7 @@ class _EagerBatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        saved, weight, bias, mean, var = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if not (need_x or need_w or need_b):
-            return None, None, None, None, None, None, None
-        dy = dy.contiguous(memory_format=_fmt(saved))
-        k = kernel_for(saved)
-        fn = k.backward_act if k is _cpu_kernels else _act_backward_reference
-        dx, dgamma, dbeta = fn(dy, saved, mean, var, weight, bias, ctx.eps, ctx.save, ctx.slope)
-        dw = dgamma if (weight is not None and need_w) else None
-        db = _as(dbeta, bias.dtype) if (bias is not None and need_b) else None
-        return (dx if need_x else None), dw, db, None, None, None, None
+        return _act_grads(ctx, dy, _act_backward_kernel)
 
 
 def bn_act_train(
@@ -339,7 +346,6 @@ def bn_act_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused BN + activation, (y, μ_B, σ²_B): the custom op ``bn_act`` under tracing or for tensor
     subclasses, the eager fast path for plain tensors (see :func:`batch_norm_train`)."""
-    tensors = [t for t in (x, weight, bias) if t is not None]
-    if torch.compiler.is_compiling() or any(type(t) not in _PLAIN for t in tensors):
+    if _use_op(x, weight, bias):
         return bn_act(x, weight, bias, eps, act, slope, save)
     return _EagerBatchNormAct.apply(x, weight, bias, eps, act, slope, save)

@@ -22,6 +22,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without the call when it already is (microseconds that matter on small batches)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def channel_view(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-channel vector (C,) so it broadcasts against x (N, C, *spatial)."""
     return v.reshape((1, -1) + (1,) * (x.dim() - 2))
