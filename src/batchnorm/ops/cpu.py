@@ -556,13 +556,13 @@ def _bwd_sums_impl(dy, sv, mode, mhi, a, bb, sl, isl, s1, s2, s3):
                     for c in range(sr.shape[0]):
                         u = sr[c] - mhi[c]
                         s1[c] += gr[c]
-                        s2[c] += np.float64(gr[c] * u)
+                        s2[c] += gr[c] * np.float64(u)
                         s3[c] += u
                 else:
                     for c in range(sr.shape[0]):
                         g, u = _dz_u(mode, gr[c], sr[c], mhi[c], a[c], bb[c], sl, isl)
                         s1[c] += g
-                        s2[c] += np.float64(g * u)
+                        s2[c] += g * np.float64(u)
                         s3[c] += u
         return rows
 
@@ -579,13 +579,13 @@ def _bwd_sums_impl(dy, sv, mode, mhi, a, bb, sl, isl, s1, s2, s3):
                     for i in range(sr.shape[0]):
                         u = sr[i] - m
                         t1 += gr[i]
-                        t2 += np.float64(gr[i] * u)
+                        t2 += gr[i] * np.float64(u)
                         t3 += u
                 else:
                     for i in range(sr.shape[0]):
                         g, u = _dz_u(mode, gr[i], sr[i], m, a[c], bb[c], sl, isl)
                         t1 += g
-                        t2 += np.float64(g * u)
+                        t2 += g * np.float64(u)
                         t3 += u
                 s1[c] += t1
                 s2[c] += t2
