@@ -24,9 +24,9 @@ def _seed_torch_per_test():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["reference", "auto"])
+@pytest.fixture(params=["reference", "auto", "numba"])
 def bn_core_backend(request):
-    """Runs a test once per op backend and restores the previously selected one afterwards."""
+    """Runs a test once per op backend (auto: the C++ kernels where they build) and restores the previously selected one afterwards."""
     old = batchnorm.set_backend(request.param)
     try:
         yield request.param

@@ -110,7 +110,7 @@ def test_leaky_saves_output_and_small_gamma_falls_back_to_input_exactly():
 
 
 @pytest.mark.parametrize("act,save", [(0, 2), (1, 1), (2, 2), (2, 1), (0, 1)])
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "numba", "reference"])
 @pytest.mark.parametrize("entry", ["op", "eager"])
 def test_op_gradcheck_float64(act, save, backend, entry):
     """Both entries: the torch.library op (tracing) and the eager autograd.Function (layers)."""

@@ -1,4 +1,5 @@
-"""The CPU output-buffer cache (ops/buffers.py): reuse only after every tensor on a buffer is gone."""
+"""The CPU output-buffer caches: ops/buffers.py (numba kernels) and its C++ twin in csrc/bn_cpu.cpp
+(C++ kernels). Both: reuse only after every tensor on a buffer is gone, bounded idle bytes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,29 @@ import pytest
 import torch
 
 import batchnorm as B
-from batchnorm.ops import buffers
+from batchnorm.ops import buffers, library
 
 BIG = (4, 16, 64, 64)  # 1 MiB of float32 values: 4 MiB, above MIN_BYTES
+
+
+def _native_cache():
+    ext = library._native_ext()
+    if ext is None:
+        pytest.skip("the C++ kernels are not built here")
+    return ext.empty_like, lambda: buffers.info()["native"]
+
+
+@pytest.fixture(params=["python", "native"])
+def cache(request):
+    """(empty_like, info) of one cache implementation."""
+    if request.param == "native":
+        return _native_cache()
+    return buffers.empty_like, buffers.info
+
+
+def _hits() -> int:
+    info = buffers.info()
+    return info["hits"] + info.get("native", {}).get("hits", 0)
 
 
 @pytest.fixture(autouse=True)
@@ -24,9 +45,10 @@ def _fresh_cache():
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_empty_like_matches_torch_layout(fmt, dtype):
+def test_empty_like_matches_torch_layout(fmt, dtype, cache):
+    empty_like, _ = cache
     x = torch.randn(BIG, dtype=dtype).contiguous(memory_format=fmt)
-    y = buffers.empty_like(x)
+    y = empty_like(x)
     ref = torch.empty_like(x)
     assert (y.shape, y.dtype, y.stride()) == (ref.shape, ref.dtype, ref.stride())
     assert y.data_ptr() % 64 == 0
@@ -34,46 +56,50 @@ def test_empty_like_matches_torch_layout(fmt, dtype):
     assert torch.equal(y, x)
 
 
-def test_channels_last_3d_and_small_tensors():
+def test_channels_last_3d_and_small_tensors(cache):
+    empty_like, info = cache
     x = torch.randn(2, 8, 16, 32, 32).contiguous(memory_format=torch.channels_last_3d)
-    assert buffers.empty_like(x).stride() == x.stride()
-    before = buffers.info()
-    small = buffers.empty_like(torch.randn(10, 10))
+    assert empty_like(x).stride() == x.stride()
+    before = info()
+    small = empty_like(torch.randn(10, 10))
     assert small.shape == (10, 10)
-    assert buffers.info()["misses"] == before["misses"]  # below MIN_BYTES: plain torch memory
+    assert info()["misses"] == before["misses"]  # below MIN_BYTES: plain torch memory
 
 
-def test_no_reuse_while_any_view_is_alive():
+def test_no_reuse_while_any_view_is_alive(cache):
+    empty_like, info = cache
     x = torch.empty(BIG)
-    a = buffers.empty_like(x)
-    b = buffers.empty_like(x)
+    a = empty_like(x)
+    b = empty_like(x)
     assert a.data_ptr() != b.data_ptr()
     ptr_a = a.data_ptr()
     view = a[1:]  # keeps a's storage alive
     del a
-    c = buffers.empty_like(x)
+    c = empty_like(x)
     assert c.data_ptr() not in (ptr_a, b.data_ptr())
     del view
-    hits = buffers.info()["hits"]
-    d = buffers.empty_like(x)
+    hits = info()["hits"]
+    d = empty_like(x)
     assert d.data_ptr() == ptr_a  # now free: reused
-    assert buffers.info()["hits"] == hits + 1
+    assert info()["hits"] == hits + 1
     assert len({b.data_ptr(), c.data_ptr(), d.data_ptr()}) == 3
 
 
-def test_limit_bounds_idle_bytes_and_zero_disables():
+def test_limit_bounds_idle_bytes_and_zero_disables(cache):
+    empty_like, info = cache
     x = torch.empty(BIG)
     size = x.nbytes
-    buffers.set_limit(size)
-    ts = [buffers.empty_like(x) for _ in range(3)]
+    buffers.set_limit(size)  # sets both caches
+    ts = [empty_like(x) for _ in range(3)]
     del ts
-    info = buffers.info()
-    assert info["idle_bytes"] == size and info["idle_buffers"] == 1 and info["dropped"] >= 2
+    now = info()
+    assert now["idle_bytes"] == size and now["idle_buffers"] == 1 and now["dropped"] >= 2
+    assert now["limit"] == size
     buffers.set_limit(0)
-    assert buffers.info()["idle_bytes"] == 0
-    misses = buffers.info()["misses"]
-    buffers.empty_like(x)
-    assert buffers.info()["misses"] == misses  # off: torch.empty_like, not counted
+    assert info()["idle_bytes"] == 0
+    misses = info()["misses"]
+    empty_like(x)
+    assert info()["misses"] == misses  # off: torch.empty_like, not counted
     with pytest.raises(ValueError, match=">= 0"):
         buffers.set_limit(-1)
 
@@ -89,8 +115,10 @@ def test_env_limit_parsing(monkeypatch):
         buffers._env_limit()
 
 
-def test_reused_buffers_give_the_same_results_and_gradients():
+@pytest.mark.parametrize("backend", ["auto", "numba"])
+def test_reused_buffers_give_the_same_results_and_gradients(backend, monkeypatch):
     """Stale contents of a reused buffer must never leak into y or dx (compare with the cache off)."""
+    monkeypatch.setattr(library, "_backend", backend)  # the old one is restored after the test
     torch.manual_seed(0)
     x = torch.randn(BIG, dtype=torch.float64)
     g = torch.randn(BIG, dtype=torch.float64)
@@ -103,7 +131,7 @@ def test_reused_buffers_give_the_same_results_and_gradients():
         return y.detach().clone(), xg.grad.clone(), bn.weight.grad.clone()
 
     ref = [run() for _ in range(3)]  # the 2nd and 3rd run on reused buffers
-    assert buffers.info()["hits"] >= 2
+    assert _hits() >= 2
     buffers.set_limit(0)
     off = run()
     for r in ref:

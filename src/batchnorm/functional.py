@@ -172,6 +172,11 @@ def batch_norm(
     if not training:  # one compiled pass on CPU when no gradient is needed (ops/library.py)
         return library.eval_forward(input, running_mean, running_var, weight, bias, eps)
 
+    y = library.train_eager(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+    )
+    if y is not None:  # the whole step in one C++ call
+        return y
     y, mean, var = library.batch_norm_train(input, weight, bias, float(eps))
     if running_mean is not None:
         factor = ema_factor(momentum, num_batches_tracked)

@@ -86,6 +86,11 @@ class _BatchNormAct(BatchNormBase):
             )
 
         rm, rv, nbt = self._running_buffers()
+        save = library.SAVE_INPUT if act == 1 else 0  # 0: y when γ can be inverted (C++ checks)
+        y = library.train_eager(x, self.weight, self.bias, rm, rv, nbt, self.momentum, self.eps,
+                                act, slope, save)
+        if y is not None:
+            return y
         y, mean, var = library.bn_act_train(
             x, self.weight, self.bias, float(self.eps), act, slope, self._save_mode(x)
         )

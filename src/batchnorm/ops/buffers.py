@@ -63,7 +63,22 @@ def set_limit(nbytes: int) -> int:
         raise ValueError(f"the cache limit must be >= 0 bytes (0 disables it), got {nbytes}")
     old, _limit = _limit, int(nbytes)
     _trim()
+    ext = _native()
+    if ext is not None:
+        ext.cache_set_limit(_limit)
     return old
+
+
+def get_limit() -> int:
+    """The most bytes kept idle (``$BATCHNORM_CPU_CACHE_MB`` or the last :func:`set_limit`)."""
+    return _limit
+
+
+def _native():
+    """The C++ extension's cache (its outputs' twin of this one) if it is loaded, else None."""
+    from . import native
+
+    return native._ext or None
 
 
 def empty_cache() -> None:
@@ -71,12 +86,20 @@ def empty_cache() -> None:
     with _lock:
         _idle.clear()
         _stats["idle_bytes"] = 0
+    ext = _native()
+    if ext is not None:
+        ext.cache_empty()
 
 
-def info() -> dict[str, int]:
-    """{'limit', 'idle_bytes', 'idle_buffers', 'hits', 'misses', 'dropped'} since import."""
+def info() -> dict:
+    """{'limit', 'idle_bytes', 'idle_buffers', 'hits', 'misses', 'dropped'} since import, and the
+    same counters of the C++ kernels' cache under 'native' once those are loaded."""
     with _lock:
-        return {"limit": _limit, "idle_buffers": sum(map(len, _idle.values())), **_stats}
+        out = {"limit": _limit, "idle_buffers": sum(map(len, _idle.values())), **_stats}
+    ext = _native()
+    if ext is not None:
+        out["native"] = dict(ext.cache_info())
+    return out
 
 
 def _trim() -> None:

@@ -4,9 +4,14 @@
 ``batchnorm::bn_backward``, the chain rule of Section 3. Both have fake (meta) implementations,
 so ``torch.compile`` and ``torch.export`` trace through them without graph breaks.
 
-Which code computes them is chosen per call by :func:`kernel_for`: the compiled CPU kernels
-(``ops/cpu.py``) for CPU tensors they support, PyTorch's native CUDA primitives (``ops/cuda.py``)
-on CUDA, the reference equations (``ops/reference.py``) everywhere else. ``BATCHNORM_BACKEND=reference`` (or :func:`set_backend`) forces the reference.
+Which code computes them is chosen per call by :func:`kernel_for`: on CPU the C++ kernels
+(``ops/native.py``) when they build, else the numba kernels (``ops/cpu.py``), for the tensors they
+support; PyTorch's native CUDA primitives (``ops/cuda.py``) on CUDA; the reference equations
+(``ops/reference.py``) everywhere else. :func:`set_backend` (or ``$BATCHNORM_BACKEND``) picks
+``"auto"`` (that order), ``"numba"`` (skip the C++ kernels) or ``"reference"``.
+
+Eager training calls on plain CPU tensors skip all of this: :func:`train_eager` hands the whole
+step (statistics, normalization, running-statistics update, autograd node) to one C++ call.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from torch import Tensor
 
 from . import reference
 
-_BACKENDS = ("auto", "reference")
+_BACKENDS = ("auto", "numba", "reference")
 _backend = os.environ.get("BATCHNORM_BACKEND", "auto")
 
 
 def set_backend(name: str) -> str:
-    """Select ``"auto"`` (compiled CPU kernels where they apply) or ``"reference"``; returns the old one."""
+    """Select ``"auto"`` (C++, else numba kernels where they apply), ``"numba"`` or ``"reference"``;
+    returns the old one."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
@@ -52,16 +58,26 @@ def cpu_kernels() -> ModuleType | None:
     return _cpu_kernels
 
 
+def native_kernels() -> ModuleType | None:
+    """``ops.native`` once its C++ extension is built (on first use), or None where it cannot be."""
+    from . import native
+
+    return native if native.load() is not None else None
+
+
 def _compiled(k: ModuleType) -> bool:
-    """Whether kernel_for chose the compiled CPU kernels (they have fused-activation entries)."""
-    return k is _cpu_kernels
+    """Whether kernel_for chose compiled CPU kernels (C++ or numba: they have the fused entries)."""
+    return k is _cpu_kernels or k.__name__.endswith(".native")
 
 
 def kernel_for(x: Tensor) -> ModuleType:
-    """The module whose ``forward``/``backward`` compute this call: compiled CPU or reference."""
-    if _backend == "auto":
+    """The module whose ``forward``/``backward`` compute this call: C++, numba or reference."""
+    if _backend != "reference":
         dev = x.device.type
         if dev == "cpu":
+            nat = native_kernels() if _backend == "auto" else None
+            if nat is not None and nat.supports(x):
+                return nat
             cpu = cpu_kernels()
             if cpu is not None and cpu.supports(x):
                 return cpu
@@ -156,6 +172,39 @@ class _EagerBatchNorm(torch.autograd.Function):
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def train_eager(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None, momentum: float | None,
+    eps: float, act: int = 0, slope: float = 0.0, save: int = 1,
+) -> Tensor | None:
+    """The whole training step in one C++ call (``native.train``): y, with the running statistics
+    and ``num_batches_tracked`` updated as :func:`functional.batch_norm` does. None when that path
+    does not apply (another backend, tracing, tensor subclasses, other devices or layouts, or no
+    C++ kernels): the caller then takes the general path. Inputs must already be checked.
+    ``save``: 1 keeps x for backward, 2 keeps y, 0 keeps y when γ and the activation allow it."""
+    if _backend != "auto" or torch.compiler.is_compiling():
+        return None
+    ext = _native_ext()
+    if ext is None or not all(t is None or type(t) in _PLAIN for t in (x, weight, bias)):
+        return None
+    factor = -1.0 if momentum is None else float(momentum)  # < 0: cumulative, 1/t
+    return ext.train(x, weight, bias, running_mean, running_var, num_batches_tracked, float(eps),
+                     factor, act, float(slope), save)
+
+
+_native_mod: ModuleType | None | bool = False
+
+
+def _native_ext():
+    """The loaded C++ extension module (cached), or None."""
+    global _native_mod
+    if _native_mod is False:
+        from . import native
+
+        _native_mod = native.load()
+    return _native_mod
 
 
 def batch_norm_train(

@@ -1,0 +1,969 @@
+// Batch normalization on CPU in C++: the training forward (Algorithm 1), its backward (Section 3),
+// the inference forward (Algorithm 2), each with an optional fused activation, and the eager
+// training op as a C++ autograd Function.
+//
+// Why C++ next to the numba kernels (ops/cpu.py): the same algorithms, but
+//   * the parallel loops run on PyTorch's own OpenMP pool (at::parallel_for), so a BN after a
+//     conv does not wake a second pool that competes with torch's spinning threads for the cores;
+//   * one call from Python does the whole training step: checks of γ, statistics, normalization,
+//     the running-statistics update and the autograd node, with no numpy/torch crossings. On a
+//     (60, 100) batch that per-call overhead is most of the cost;
+//   * bfloat16 is read and written directly (float32 arithmetic), with no conversion passes.
+//
+// Built by ops/native.py with torch.utils.cpp_extension on first use, cached on disk.
+//
+// Numerics (the same as ops/cpu.py, whose module docstring explains them):
+//   * statistics per block (≤ 4096 values of one plane, or ≤ 256 rows) from sums of d = x − x_first,
+//     merged in float64 with Chan et al.'s formula: M2 = Σ M2_b + Σ n_b (μ_b − μ)²;
+//   * μ is applied as a pair μ_hi (the compute type) + μ_lo: y = (x − μ_hi)·a + (β − μ_lo·a),
+//     a = γ / sqrt(σ²_B + ε), so x − μ_hi is exact for data far from zero;
+//   * tensors under 2^16 values take one thread and float64 accumulators.
+// Float reductions vectorize with `omp simd reduction`; nothing is compiled with -ffast-math, so
+// NaN and inf propagate as in the reference.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <mutex>
+#include <new>
+#include <type_traits>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Activation / saved-tensor codes: the same values as ops/cpu.py and ops/library.py.
+constexpr int ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2;
+constexpr int SAVED_X = 0, SAVED_X_ACT = 1, SAVED_Y = 2;  // backward reads x, x through act, y
+constexpr int SAVE_AUTO = 0, SAVE_INPUT = 1, SAVE_OUTPUT = 2;
+
+constexpr int64_t kBlock = 4096;           // planes: values per work item (16 KB float32, in L1)
+constexpr int64_t kSubRows = 256;          // rows: rows per sub-block (≤ 256 float32 terms per sum)
+constexpr int64_t kGrain = 32768;          // values per parallel task, at least
+constexpr int64_t kSerialBelow = 1 << 16;  // fewer values: one thread, float64 accumulators
+
+template <typename T> struct OpMath { using type = float; };   // float32, bfloat16: float32
+template <> struct OpMath<double> { using type = double; };
+template <typename T> using op_t = typename OpMath<T>::type;
+
+// ------------------------------------------------------------------ geometry
+// A contiguous (N, C, *S) tensor is N·C planes of L values; a channels_last one, or an (N, C) one,
+// is R rows of C contiguous channels.
+struct Geo {
+  bool rows;
+  int64_t outer;  // N (planes) or R (rows)
+  int64_t C;
+  int64_t L;      // values per plane (1 for rows)
+  int64_t numel() const { return outer * C * L; }
+};
+
+Geo geometry(const Tensor& x) {
+  const int64_t C = x.size(1), numel = x.numel();
+  if (x.is_contiguous()) {
+    const int64_t N = x.size(0), L = numel / (N * C);
+    return {L == 1, N, C, L};
+  }
+  return {true, numel / C, C, 1};
+}
+
+at::MemoryFormat format_of(const Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  return x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+}
+
+bool supported(const Tensor& x) {
+  const auto dt = x.scalar_type();
+  if (!x.defined() || !x.device().is_cpu() || x.layout() != at::kStrided) return false;
+  if (dt != at::kFloat && dt != at::kDouble && dt != at::kBFloat16) return false;
+  if (x.dim() < 2 || x.dim() > 5 || x.numel() == 0) return false;
+  if (x.is_contiguous()) return true;
+  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+int64_t row_chunks(int64_t R, int64_t C) {
+  const int64_t most = std::min<int64_t>(R, 4 * at::get_num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(most, R * C / kGrain));
+}
+
+// ------------------------------------------------------------------ output-buffer cache
+// Outputs of ≥ 1 MiB come from freed buffers of the same byte size: glibc serves such blocks with
+// a fresh mmap that page-faults on first write (ops/buffers.py explains; this is its C++ twin).
+// A buffer goes back to the cache from the deleter of the tensor storage that owned it, so it is
+// never handed out while any view of the old tensor is alive.
+constexpr size_t kMinBytes = size_t(1) << 20;
+constexpr size_t kAlign = 64;
+
+struct Cache {
+  std::mutex mu;
+  std::unordered_map<size_t, std::vector<void*>> idle;
+  size_t idle_bytes = 0;
+  size_t limit = size_t(1024) << 20;
+  int64_t hits = 0, misses = 0, dropped = 0;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: deleters may run during interpreter exit
+  return *c;
+}
+
+void give_back(void* p, size_t n) {
+  Cache& c = cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (c.idle_bytes + n <= c.limit) {
+      c.idle[n].push_back(p);
+      c.idle_bytes += n;
+      return;
+    }
+    ++c.dropped;
+  }
+  std::free(p);
+}
+
+Tensor empty_like_cached(const Tensor& x) {
+  const size_t n = size_t(x.numel()) * x.element_size();
+  Cache& c = cache();
+  void* p = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (n < kMinBytes || c.limit == 0) return at::empty_like(x);
+    auto it = c.idle.find(n);
+    if (it != c.idle.end() && !it->second.empty()) {
+      p = it->second.back();
+      it->second.pop_back();
+      c.idle_bytes -= n;
+      ++c.hits;
+    } else {
+      ++c.misses;
+    }
+  }
+  if (p == nullptr) {
+    p = std::aligned_alloc(kAlign, (n + kAlign - 1) / kAlign * kAlign);
+    if (p == nullptr) throw std::bad_alloc();
+  }
+  return at::from_blob(p, x.sizes(), x.strides(), [n](void* q) { give_back(q, n); }, x.options());
+}
+
+int64_t cache_set_limit(int64_t nbytes) {
+  TORCH_CHECK_VALUE(nbytes >= 0, "cache limit must be >= 0 bytes, got ", nbytes);
+  Cache& c = cache();
+  std::vector<void*> drop;
+  int64_t old;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    old = int64_t(c.limit);
+    c.limit = size_t(nbytes);
+    // Free the largest idle buffers until the idle bytes fit the new limit.
+    while (c.idle_bytes > c.limit) {
+      auto big = c.idle.end();
+      for (auto it = c.idle.begin(); it != c.idle.end(); ++it)
+        if (!it->second.empty() && (big == c.idle.end() || it->first > big->first)) big = it;
+      drop.push_back(big->second.back());
+      big->second.pop_back();
+      c.idle_bytes -= big->first;
+    }
+  }
+  for (void* p : drop) std::free(p);
+  return old;
+}
+
+void cache_empty() {
+  Cache& c = cache();
+  std::vector<void*> drop;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    for (auto& kv : c.idle)
+      for (void* p : kv.second) drop.push_back(p);
+    c.idle.clear();
+    c.idle_bytes = 0;
+  }
+  for (void* p : drop) std::free(p);
+}
+
+std::unordered_map<std::string, int64_t> cache_info() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  int64_t buffers = 0;
+  for (auto& kv : c.idle) buffers += int64_t(kv.second.size());
+  return {{"idle_bytes", int64_t(c.idle_bytes)}, {"idle_buffers", buffers},
+          {"limit", int64_t(c.limit)}, {"hits", c.hits}, {"misses", c.misses},
+          {"dropped", c.dropped}};
+}
+
+// ------------------------------------------------------------------ per-channel vectors
+// γ, β, running statistics as float64 (C,) vectors; undefined → fill.
+std::vector<double> as_f64(const Tensor& t, int64_t C, double fill) {
+  std::vector<double> out(C, fill);
+  if (!t.defined()) return out;
+  Tensor v = t.detach();
+  if (v.device().is_cpu() && v.is_contiguous() && v.scalar_type() == at::kFloat) {
+    const float* p = v.const_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) out[c] = p[c];
+    return out;
+  }
+  v = v.to(at::kCPU, at::kDouble).contiguous();
+  const double* p = v.const_data_ptr<double>();
+  std::copy(p, p + C, out.begin());
+  return out;
+}
+
+// y = (x − μ_hi)·a + bb: a = γ/sqrt(σ² + ε), bb = β − μ_lo·a with μ = μ_hi + μ_lo.
+template <typename T>
+struct Affine {
+  std::vector<T> mhi, a, bb;
+  Affine(const double* mean, const double* var, const std::vector<double>& w,
+         const std::vector<double>& b, double eps, int64_t C)
+      : mhi(C), a(C), bb(C) {
+    for (int64_t c = 0; c < C; ++c) {
+      const double sc = w[c] / std::sqrt(var[c] + eps);
+      const T hi = T(mean[c]);
+      mhi[c] = hi;
+      a[c] = T(sc);
+      bb[c] = T(b[c] - (mean[c] - double(hi)) * sc);
+    }
+  }
+};
+
+// ================================================================== statistics (Algorithm 1)
+// Planes are cut into work items of at most kBlock values of ONE channel: a block of a long plane
+// (L ≥ kBlock), or several whole short planes of the same channel (samples n0..n1). Items are
+// numbered channel-major, so channel c owns items [c·per_c, (c+1)·per_c) and the merge is a
+// contiguous sweep. Sums run in kLanes independent lanes that are reduced once per item, not once
+// per plane: a horizontal add per 100-value plane would cost more than the plane itself.
+constexpr int kLanes = 16;
+
+struct PlaneItems {
+  int64_t bs, nb, npp, ngroups, per_c, items;  // block length, blocks per plane, planes per item
+  PlaneItems(const Geo& g) {
+    bs = std::min(kBlock, g.L);
+    nb = (g.L + bs - 1) / bs;
+    npp = nb == 1 ? std::max<int64_t>(1, kBlock / g.L) : 1;
+    ngroups = (g.outer + npp - 1) / npp;
+    per_c = ngroups * nb;
+    items = g.C * per_c;
+  }
+  int64_t grain() const { return std::max<int64_t>(1, kGrain / (npp * bs)); }
+  // Item → channel c, samples [n0, n1), values [lo, hi) of each plane.
+  void decode(int64_t it, const Geo& g, int64_t& c, int64_t& n0, int64_t& n1, int64_t& lo,
+              int64_t& hi) const {
+    c = it / per_c;
+    const int64_t r = it - c * per_c, gi = r / nb, b = r - gi * nb;
+    n0 = gi * npp;
+    n1 = std::min(n0 + npp, g.outer);
+    lo = b * bs;
+    hi = std::min(lo + bs, g.L);
+  }
+};
+
+template <typename acc_t>
+inline acc_t lane_sum(const acc_t* v) {
+  acc_t t = 0;
+  for (int j = 0; j < kLanes; ++j) t += v[j];
+  return t;
+}
+
+template <typename scalar_t, typename acc_t>
+void planes_stats(const scalar_t* x, const Geo& g, double* mean, double* var) {
+  const PlaneItems pi(g);
+  const int64_t L = g.L, C = g.C;
+  std::vector<double> pmean(pi.items), pm2(pi.items), pcnt(pi.items);
+  at::parallel_for(0, pi.items, pi.grain(), [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t c, n0, n1, lo, hi;
+      pi.decode(it, g, c, n0, n1, lo, hi);
+      const int64_t len = hi - lo;
+      // shift by a sample: d = x − sh is exact for clustered data
+      const acc_t sh = acc_t(x[(n0 * C + c) * L + lo]);
+      alignas(64) acc_t sv[kLanes] = {}, qv[kLanes] = {};
+      acc_t st = 0, qt = 0;
+      for (int64_t n = n0; n < n1; ++n) {
+        const scalar_t* blk = x + (n * C + c) * L + lo;
+        int64_t i = 0;
+        for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+          for (int j = 0; j < kLanes; ++j) {
+            const acc_t d = acc_t(blk[i + j]) - sh;
+            sv[j] += d;
+            qv[j] += d * d;
+          }
+        }
+        for (; i < len; ++i) {  // the tail in scalars: a scalar store into a lane would stall
+          const acc_t d = acc_t(blk[i]) - sh;  // the next plane's vector load of that lane
+          st += d;
+          qt += d * d;
+        }
+      }
+      const acc_t s = lane_sum(sv) + st, q = lane_sum(qv) + qt;
+      const double k = double((n1 - n0) * len), dm = double(s) / k;
+      pmean[it] = double(sh) + dm;
+      pm2[it] = std::max(double(q) - double(s) * dm, 0.0);  // Σ(d − mean d)²
+      pcnt[it] = k;
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {  // merge (a few thousand float64 adds: one thread)
+    const int64_t i0 = c * pi.per_c, i1 = i0 + pi.per_c;
+    double s = 0, tot = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      s += pmean[i] * pcnt[i];
+      tot += pcnt[i];
+    }
+    const double mu = s / tot;  // μ_B = 1/m Σ x_i
+    double m2 = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const double d = pmean[i] - mu;
+      m2 += pm2[i] + pcnt[i] * d * d;  // Chan: Σ M2_b + Σ n_b (μ_b − μ)²
+    }
+    mean[c] = mu;
+    var[c] = m2 / tot;  // σ²_B, biased
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void rows_stats(const scalar_t* x, const Geo& g, double* mean, double* var) {
+  const int64_t R = g.outer, C = g.C, nchunk = row_chunks(R, C);
+  std::vector<double> pmean(nchunk * C), pm2(nchunk * C), pcnt(nchunk);
+  at::parallel_for(0, nchunk, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> shv(C), sv(C), qv(C);
+    acc_t* __restrict sh = shv.data();
+    acc_t* __restrict s = sv.data();
+    acc_t* __restrict q = qv.data();
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * R / nchunk, r1 = (k + 1) * R / nchunk;
+      double* pm = pmean.data() + k * C;
+      double* pq = pm2.data() + k * C;
+      double na = 0;
+      for (int64_t rs = r0; rs < r1; rs += kSubRows) {
+        const int64_t re = std::min(rs + kSubRows, r1);
+        const double kk = double(re - rs);
+        for (int64_t c = 0; c < C; ++c) {
+          sh[c] = acc_t(x[rs * C + c]);
+          s[c] = 0;
+          q[c] = 0;
+        }
+        int64_t r = rs;
+        for (; r + 4 <= re; r += 4) {  // four rows per sweep: a quarter of the accumulator traffic
+          const scalar_t* x0 = x + r * C;
+          const scalar_t* x1 = x0 + C;
+          const scalar_t* x2 = x1 + C;
+          const scalar_t* x3 = x2 + C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t m = sh[c];
+            const acc_t d0 = acc_t(x0[c]) - m, d1 = acc_t(x1[c]) - m;
+            const acc_t d2 = acc_t(x2[c]) - m, d3 = acc_t(x3[c]) - m;
+            s[c] += (d0 + d1) + (d2 + d3);
+            q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+          }
+        }
+        for (; r < re; ++r) {
+          const scalar_t* xr = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = acc_t(xr[c]) - sh[c];
+            s[c] += d;
+            q[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {  // Chan et al.: merge the sub-block into the chunk
+          const double dm = double(s[c]) / kk, bm = double(sh[c]) + dm;
+          const double bq = std::max(double(q[c]) - double(s[c]) * dm, 0.0);
+          if (na == 0) {
+            pm[c] = bm;
+            pq[c] = bq;
+          } else {
+            const double tot = na + kk, delta = bm - pm[c];
+            pm[c] += delta * (kk / tot);
+            pq[c] += bq + delta * delta * (na * kk / tot);
+          }
+        }
+        na += kk;
+      }
+      pcnt[k] = na;
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0, tot = 0;
+    for (int64_t k = 0; k < nchunk; ++k) {
+      s += pmean[k * C + c] * pcnt[k];
+      tot += pcnt[k];
+    }
+    const double mu = s / tot;
+    double m2 = 0;
+    for (int64_t k = 0; k < nchunk; ++k) {
+      const double d = pmean[k * C + c] - mu;
+      m2 += pm2[k * C + c] + pcnt[k] * d * d;
+    }
+    mean[c] = mu;
+    var[c] = m2 / tot;
+  }
+}
+
+template <typename scalar_t>
+void stats(const Tensor& x, const Geo& g, double* mean, double* var) {
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const bool small = g.numel() < kSerialBelow;
+  if (g.rows) {
+    small ? rows_stats<scalar_t, double>(xp, g, mean, var)
+          : rows_stats<scalar_t, op_t<scalar_t>>(xp, g, mean, var);
+  } else {
+    small ? planes_stats<scalar_t, double>(xp, g, mean, var)
+          : planes_stats<scalar_t, op_t<scalar_t>>(xp, g, mean, var);
+  }
+}
+
+// ================================================================== y = act(γ x̂ + β)
+template <int ACT, typename T>
+inline T activate(T z, T sl) {
+  if constexpr (ACT == ACT_RELU) return z < T(0) ? T(0) : z;  // NaN stays NaN
+  else if constexpr (ACT == ACT_LEAKY) return z < T(0) ? z * sl : z;
+  else return z;
+}
+
+template <typename scalar_t, int ACT>
+void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scalar_t>>& k,
+            double slope) {
+  using T = op_t<scalar_t>;
+  const T sl = T(slope);
+  const int64_t C = g.C, L = g.L;
+  if (!g.rows) {
+    at::parallel_for(0, g.outer * C, std::max<int64_t>(1, kGrain / L), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C;
+        const scalar_t* xr = x + p * L;
+        scalar_t* yr = y + p * L;
+        const T m = k.mhi[c], aa = k.a[c], b0 = k.bb[c];
+#pragma omp simd
+        for (int64_t i = 0; i < L; ++i) yr[i] = scalar_t(activate<ACT>((T(xr[i]) - m) * aa + b0, sl));
+      }
+    });
+    return;
+  }
+  const T* __restrict mhi = k.mhi.data();
+  const T* __restrict a = k.a.data();
+  const T* __restrict bb = k.bb.data();
+  at::parallel_for(0, g.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* xr = x + r * C;
+      scalar_t* yr = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) yr[c] = scalar_t(activate<ACT>((T(xr[c]) - mhi[c]) * a[c] + bb[c], sl));
+    }
+  });
+}
+
+template <typename scalar_t>
+void affine_any(const Tensor& x, Tensor& y, const Geo& g, const Affine<op_t<scalar_t>>& k, int act,
+                double slope) {
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  switch (act) {
+    case ACT_RELU: return affine<scalar_t, ACT_RELU>(xp, yp, g, k, slope);
+    case ACT_LEAKY: return affine<scalar_t, ACT_LEAKY>(xp, yp, g, k, slope);
+    default: return affine<scalar_t, ACT_NONE>(xp, yp, g, k, slope);
+  }
+}
+
+#define BN_DISPATCH(dtype, ...)                                                   \
+  [&] {                                                                           \
+    switch (dtype) {                                                              \
+      case at::kDouble: { using scalar_t = double; return __VA_ARGS__(); }        \
+      case at::kBFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); } \
+      default: { using scalar_t = float; return __VA_ARGS__(); }                  \
+    }                                                                             \
+  }()
+
+void check_supported(const Tensor& x, const char* what) {
+  TORCH_CHECK_VALUE(supported(x), "batchnorm C++ kernels: ", what,
+                    " must be a non-empty float32/float64/bfloat16 CPU tensor of rank 2-5, "
+                    "contiguous or channels_last; got dtype ", x.scalar_type(), ", shape ",
+                    x.sizes(), ", strides ", x.strides());
+}
+
+// Training forward: (act(γ x̂ + β), μ_B, σ²_B biased), statistics in float64.
+std::tuple<Tensor, Tensor, Tensor> forward_act(const Tensor& x, const Tensor& w, const Tensor& b,
+                                               double eps, int64_t act, double slope) {
+  check_supported(x, "x");
+  const Geo g = geometry(x);
+  const auto f64 = x.options().dtype(at::kDouble);
+  Tensor mean = at::empty({g.C}, f64), var = at::empty({g.C}, f64);
+  Tensor y = empty_like_cached(x);
+  const auto wv = as_f64(w, g.C, 1.0), bv = as_f64(b, g.C, 0.0);
+  BN_DISPATCH(x.scalar_type(), [&] {
+    double* mp = mean.mutable_data_ptr<double>();
+    double* vp = var.mutable_data_ptr<double>();
+    stats<scalar_t>(x, g, mp, vp);
+    Affine<op_t<scalar_t>> k(mp, vp, wv, bv, eps, g.C);
+    affine_any<scalar_t>(x, y, g, k, int(act), slope);
+  });
+  return {y, mean, var};
+}
+
+// Inference: y = act((x − E[x])·γ/sqrt(Var[x] + ε) + β), one pass (Algorithm 2).
+Tensor eval_forward(const Tensor& x, const Tensor& rm, const Tensor& rv, const Tensor& w,
+                    const Tensor& b, double eps, int64_t act, double slope) {
+  check_supported(x, "x");
+  const Geo g = geometry(x);
+  const auto mv = as_f64(rm, g.C, 0.0), vv = as_f64(rv, g.C, 1.0);
+  const auto wv = as_f64(w, g.C, 1.0), bv = as_f64(b, g.C, 0.0);
+  Tensor y = empty_like_cached(x);
+  BN_DISPATCH(x.scalar_type(), [&] {
+    Affine<op_t<scalar_t>> k(mv.data(), vv.data(), wv, bv, eps, g.C);
+    affine_any<scalar_t>(x, y, g, k, int(act), slope);
+  });
+  return y;
+}
+
+// ================================================================== backward (Section 3)
+// u is what backward reads per value: x − μ_hi (SAVED_X, SAVED_X_ACT) or the pre-activation z
+// recovered from y (SAVED_Y), with x̂ = p·u + q per channel. dz is dy, or dy·slope where z ≤ 0
+// (z recomputed from x; ReLU has slope 0) or where y < 0 (leaky ReLU inverted from its output).
+template <int MODE, typename T>
+inline void dz_u(T gv, T sv, T m, T aa, T b0, T sl, T isl, T& dz, T& u) {
+  if constexpr (MODE == SAVED_Y) {
+    const bool neg = sv < T(0);
+    dz = neg ? gv * sl : gv;
+    u = neg ? sv * isl : sv;
+  } else {
+    u = sv - m;
+    if constexpr (MODE == SAVED_X_ACT) dz = (u * aa + b0 > T(0)) ? gv : gv * sl;
+    else dz = gv;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int MODE>
+void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
+                       const Affine<op_t<scalar_t>>& k, double slope, double* s1, double* s2,
+                       double* s3) {
+  using T = op_t<scalar_t>;
+  const T sl = T(slope), isl = T(slope != 0.0 ? 1.0 / slope : 0.0);
+  const PlaneItems pi(g);
+  const int64_t L = g.L, C = g.C;
+  std::vector<double> p1(pi.items), p2(pi.items), p3(pi.items);
+  at::parallel_for(0, pi.items, pi.grain(), [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t c, n0, n1, lo, hi;
+      pi.decode(it, g, c, n0, n1, lo, hi);
+      const int64_t len = hi - lo;
+      const T m = k.mhi[c], aa = k.a[c], b0 = k.bb[c];
+      alignas(64) acc_t v1[kLanes] = {}, v2[kLanes] = {}, v3[kLanes] = {};
+      acc_t t1 = 0, t2 = 0, t3 = 0;
+      for (int64_t n = n0; n < n1; ++n) {
+        const scalar_t* sr = s + (n * C + c) * L + lo;
+        const scalar_t* gr = dy + (n * C + c) * L + lo;
+        int64_t i = 0;
+        for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+          for (int j = 0; j < kLanes; ++j) {
+            T dz, u;
+            dz_u<MODE>(T(gr[i + j]), T(sr[i + j]), m, aa, b0, sl, isl, dz, u);
+            v1[j] += acc_t(dz);              // Σ dL/dz_i
+            v2[j] += acc_t(dz) * acc_t(u);   // Σ dL/dz_i · u_i
+            v3[j] += acc_t(u);               // Σ u_i: re-centres on the exact μ_B
+          }
+        }
+        for (; i < len; ++i) {  // the tail in scalars (see planes_stats)
+          T dz, u;
+          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
+          t1 += acc_t(dz);
+          t2 += acc_t(dz) * acc_t(u);
+          t3 += acc_t(u);
+        }
+      }
+      p1[it] = double(lane_sum(v1) + t1);
+      p2[it] = double(lane_sum(v2) + t2);
+      p3[it] = double(lane_sum(v3) + t3);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a1 = 0, a2 = 0, a3 = 0;
+    for (int64_t i = c * pi.per_c; i < (c + 1) * pi.per_c; ++i) {
+      a1 += p1[i];
+      a2 += p2[i];
+      a3 += p3[i];
+    }
+    s1[c] = a1;
+    s2[c] = a2;
+    s3[c] = a3;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int MODE>
+void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
+                     const Affine<op_t<scalar_t>>& k, double slope, double* s1, double* s2,
+                     double* s3) {
+  using T = op_t<scalar_t>;
+  const T sl = T(slope), isl = T(slope != 0.0 ? 1.0 / slope : 0.0);
+  const int64_t R = g.outer, C = g.C, nchunk = row_chunks(R, C);
+  std::vector<double> p1(nchunk * C, 0.0), p2(nchunk * C, 0.0), p3(nchunk * C, 0.0);
+  const T* __restrict mhi = k.mhi.data();
+  const T* __restrict a = k.a.data();
+  const T* __restrict bb = k.bb.data();
+  at::parallel_for(0, nchunk, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> v1(C), v2(C), v3(C);
+    acc_t* __restrict t1 = v1.data();
+    acc_t* __restrict t2 = v2.data();
+    acc_t* __restrict t3 = v3.data();
+    for (int64_t kc = k0; kc < k1; ++kc) {
+      const int64_t r0 = kc * R / nchunk, r1 = (kc + 1) * R / nchunk;
+      for (int64_t rs = r0; rs < r1; rs += kSubRows) {
+        const int64_t re = std::min(rs + kSubRows, r1);
+        std::fill(t1, t1 + C, acc_t(0));
+        std::fill(t2, t2 + C, acc_t(0));
+        std::fill(t3, t3 + C, acc_t(0));
+        int64_t r = rs;
+        for (; r + 2 <= re; r += 2) {  // two rows per sweep: half the accumulator traffic
+          const scalar_t* sa = s + r * C;
+          const scalar_t* sb = sa + C;
+          const scalar_t* ga = dy + r * C;
+          const scalar_t* gb = ga + C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            T dz0, u0, dz1, u1;
+            dz_u<MODE>(T(ga[c]), T(sa[c]), mhi[c], a[c], bb[c], sl, isl, dz0, u0);
+            dz_u<MODE>(T(gb[c]), T(sb[c]), mhi[c], a[c], bb[c], sl, isl, dz1, u1);
+            t1[c] += acc_t(dz0) + acc_t(dz1);
+            t2[c] += acc_t(dz0) * acc_t(u0) + acc_t(dz1) * acc_t(u1);
+            t3[c] += acc_t(u0) + acc_t(u1);
+          }
+        }
+        for (; r < re; ++r) {
+          const scalar_t* sr = s + r * C;
+          const scalar_t* gr = dy + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            T dz, u;
+            dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, dz, u);
+            t1[c] += acc_t(dz);
+            t2[c] += acc_t(dz) * acc_t(u);
+            t3[c] += acc_t(u);
+          }
+        }
+        double* q1 = p1.data() + kc * C;
+        double* q2 = p2.data() + kc * C;
+        double* q3 = p3.data() + kc * C;
+        for (int64_t c = 0; c < C; ++c) {  // flush the sub-block's sums into float64
+          q1[c] += double(t1[c]);
+          q2[c] += double(t2[c]);
+          q3[c] += double(t3[c]);
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a1 = 0, a2 = 0, a3 = 0;
+    for (int64_t kc = 0; kc < nchunk; ++kc) {
+      a1 += p1[kc * C + c];
+      a2 += p2[kc * C + c];
+      a3 += p3[kc * C + c];
+    }
+    s1[c] = a1;
+    s2[c] = a2;
+    s3[c] = a3;
+  }
+}
+
+template <typename scalar_t, int MODE>
+void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
+            const Affine<op_t<scalar_t>>& k, double slope, const std::vector<op_t<scalar_t>>& ka,
+            const std::vector<op_t<scalar_t>>& kb, const std::vector<op_t<scalar_t>>& kc) {
+  using T = op_t<scalar_t>;
+  const T sl = T(slope), isl = T(slope != 0.0 ? 1.0 / slope : 0.0);
+  const int64_t C = g.C, L = g.L;
+  if (!g.rows) {
+    at::parallel_for(0, g.outer * C, std::max<int64_t>(1, kGrain / L), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c = p % C;
+        const scalar_t* sr = s + p * L;
+        const scalar_t* gr = dy + p * L;
+        scalar_t* out = dx + p * L;
+        const T m = k.mhi[c], aa = k.a[c], b0 = k.bb[c], A = ka[c], B = kb[c], K = kc[c];
+#pragma omp simd
+        for (int64_t i = 0; i < L; ++i) {
+          T dz, u;
+          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
+          out[i] = scalar_t(A * dz + B * u + K);  // dL/dx_i, Section 3 collapsed
+        }
+      }
+    });
+    return;
+  }
+  const T* __restrict mhi = k.mhi.data();
+  const T* __restrict a = k.a.data();
+  const T* __restrict bb = k.bb.data();
+  const T* __restrict A = ka.data();
+  const T* __restrict B = kb.data();
+  const T* __restrict K = kc.data();
+  at::parallel_for(0, g.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* sr = s + r * C;
+      const scalar_t* gr = dy + r * C;
+      scalar_t* out = dx + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        T dz, u;
+        dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, dz, u);
+        out[c] = scalar_t(A[c] * dz + B[c] * u + K[c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, int MODE>
+void backward_impl(const Tensor& dy, const Tensor& saved, const Geo& g, const double* mean,
+                   const double* var, const std::vector<double>& w, const std::vector<double>& b,
+                   double eps, double slope, Tensor& dx, double* dgamma, double* dbeta) {
+  using T = op_t<scalar_t>;
+  const int64_t C = g.C;
+  const Affine<T> k(mean, var, w, b, eps, C);
+  const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* sp = saved.const_data_ptr<scalar_t>();
+  std::vector<double> s2(C), s3(C);
+  const bool small = g.numel() < kSerialBelow;
+  if (g.rows) {
+    small ? rows_bwd_reduce<scalar_t, double, MODE>(gp, sp, g, k, slope, dbeta, s2.data(), s3.data())
+          : rows_bwd_reduce<scalar_t, T, MODE>(gp, sp, g, k, slope, dbeta, s2.data(), s3.data());
+  } else {
+    small ? planes_bwd_reduce<scalar_t, double, MODE>(gp, sp, g, k, slope, dbeta, s2.data(), s3.data())
+          : planes_bwd_reduce<scalar_t, T, MODE>(gp, sp, g, k, slope, dbeta, s2.data(), s3.data());
+  }
+  // Per channel (Section 3): dγ = Σ dz·x̂, dβ = Σ dz, and
+  //   dx = γ/σ · (dz − Σdz/m − x̂ · Σdz·x̂/m),  σ = sqrt(σ²_B + ε),
+  // written as dx = A·dz + B·u + K with x̂ = p·u + q.
+  const double m = double(g.numel() / C);
+  std::vector<T> ka(C), kb(C), kc(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = 1.0 / std::sqrt(var[c] + eps);
+    double p, q;
+    if (MODE == SAVED_Y) {  // u = z = γ x̂ + β
+      p = 1.0 / w[c];
+      q = -b[c] / w[c];
+    } else {  // u = x − μ_hi, x̂ = (u − mean(u))/σ
+      p = invstd;
+      q = -(s3[c] / m) * invstd;
+    }
+    const double dg = p * s2[c] + q * dbeta[c];  // dL/dγ = Σ dL/dy_i · x̂_i
+    const double A = w[c] * invstd, K = -A * dg / m;
+    dgamma[c] = dg;
+    ka[c] = T(A);
+    kb[c] = T(K * p);
+    kc[c] = T(-A * dbeta[c] / m + K * q);
+  }
+  bwd_dx<scalar_t, MODE>(gp, sp, dx.mutable_data_ptr<scalar_t>(), g, k, slope, ka, kb, kc);
+}
+
+// (dL/dx, dL/dγ, dL/dβ) with dγ, dβ in float64, from x (SAVED_X / SAVED_X_ACT) or y (SAVED_Y).
+std::tuple<Tensor, Tensor, Tensor> backward_act(const Tensor& dy_in, const Tensor& saved,
+                                                const Tensor& mean, const Tensor& var,
+                                                const Tensor& w, const Tensor& b, double eps,
+                                                int64_t mode, double slope) {
+  check_supported(saved, "the saved tensor");
+  TORCH_CHECK_VALUE(mode == SAVED_X || mode == SAVED_X_ACT || mode == SAVED_Y,
+                    "backward mode must be 0, 1 or 2, got ", mode);
+  const Geo g = geometry(saved);
+  TORCH_CHECK_VALUE(dy_in.sizes() == saved.sizes(), "dL/dy has shape ", dy_in.sizes(),
+                    " but the saved tensor has shape ", saved.sizes());
+  const Tensor dy = dy_in.to(saved.scalar_type()).contiguous(format_of(saved));
+  const auto mv = as_f64(mean, g.C, 0.0), vv = as_f64(var, g.C, 1.0);
+  const auto wv = as_f64(w, g.C, 1.0), bv = as_f64(b, g.C, 0.0);
+  const auto f64 = saved.options().dtype(at::kDouble);
+  Tensor dgamma = at::empty({g.C}, f64), dbeta = at::empty({g.C}, f64);
+  Tensor dx = empty_like_cached(saved);
+  BN_DISPATCH(saved.scalar_type(), [&] {
+    double* dg = dgamma.mutable_data_ptr<double>();
+    double* db = dbeta.mutable_data_ptr<double>();
+    switch (mode) {
+      case SAVED_X_ACT:
+        return backward_impl<scalar_t, SAVED_X_ACT>(dy, saved, g, mv.data(), vv.data(), wv, bv,
+                                                    eps, slope, dx, dg, db);
+      case SAVED_Y:
+        return backward_impl<scalar_t, SAVED_Y>(dy, saved, g, mv.data(), vv.data(), wv, bv, eps,
+                                                slope, dx, dg, db);
+      default:
+        return backward_impl<scalar_t, SAVED_X>(dy, saved, g, mv.data(), vv.data(), wv, bv, eps,
+                                                slope, dx, dg, db);
+    }
+  });
+  return {dx, dgamma, dbeta};
+}
+
+// ================================================================== running statistics
+// running ← (1 − f)·running + f·batch, with the unbiased m/(m−1)·σ²_B (in place, no autograd).
+template <typename T>
+void ema_raw(T* rm, T* rv, const double* mean, const double* var, int64_t C, double f, double corr) {
+  for (int64_t c = 0; c < C; ++c) {
+    rm[c] = T(double(rm[c]) + f * (mean[c] - double(rm[c])));
+    rv[c] = T(double(rv[c]) + f * (var[c] * corr - double(rv[c])));
+  }
+}
+
+void update_running(Tensor& rm, Tensor& rv, const Tensor& mean, const Tensor& var, int64_t m,
+                    double factor) {
+  const double corr = double(m) / double(m - 1);
+  const double* mp = mean.const_data_ptr<double>();
+  const double* vp = var.const_data_ptr<double>();
+  const int64_t C = mean.numel();
+  const auto dt = rm.scalar_type();
+  const bool raw = rm.device().is_cpu() && rv.device().is_cpu() && rm.is_contiguous() &&
+                   rv.is_contiguous() && rv.scalar_type() == dt &&
+                   (dt == at::kFloat || dt == at::kDouble);
+  if (raw && dt == at::kFloat) {
+    ema_raw(rm.mutable_data_ptr<float>(), rv.mutable_data_ptr<float>(), mp, vp, C, factor, corr);
+  } else if (raw) {
+    ema_raw(rm.mutable_data_ptr<double>(), rv.mutable_data_ptr<double>(), mp, vp, C, factor, corr);
+  } else {  // other dtypes, devices or strides: torch ops
+    at::NoGradGuard no_grad;
+    rm.lerp_(mean.to(rm.options()), factor);
+    rv.lerp_((var * corr).to(rv.options()), factor);
+  }
+}
+
+// ================================================================== the eager training op
+// SAVE_OUTPUT (keep y, invert it in backward) is safe while every |γ_c| ≥ sqrt(ε_dtype)·max(1, |β_c|).
+bool gamma_invertible(const std::vector<double>& w, const std::vector<double>& b, double tol) {
+  for (size_t c = 0; c < w.size(); ++c)
+    if (!(std::abs(w[c]) >= tol * std::max(1.0, std::abs(b[c])))) return false;
+  return true;
+}
+
+double dtype_eps(at::ScalarType dt) {
+  if (dt == at::kDouble) return std::numeric_limits<double>::epsilon();
+  if (dt == at::kBFloat16) return 0.0078125;  // 2^-7
+  return std::numeric_limits<float>::epsilon();
+}
+
+// The running buffers travel as a plain struct, not as Tensor arguments: autograd then does not
+// treat them as inputs of the node (they take no gradient).
+struct Running {
+  Tensor mean, var;
+};
+
+struct TrainFn : public torch::autograd::Function<TrainFn> {
+  // act: ACT_*; save: SAVE_INPUT / SAVE_OUTPUT / SAVE_AUTO (output when γ allows, input for ReLU).
+  // γ and β are optional: only the ones given are inputs (edges) of the autograd node.
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& w_,
+                        const std::optional<Tensor>& b_, Running run, double eps, double factor,
+                        int64_t act, double slope, int64_t save) {
+    const Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());
+    auto [y, mean, var] = forward_act(x, w, b, eps, act, slope);
+    if (run.mean.defined()) update_running(run.mean, run.var, mean, var, x.numel() / x.size(1), factor);
+    int64_t mode = SAVED_X;
+    double bslope = 1.0;
+    if (act != ACT_NONE || save != SAVE_INPUT) {
+      if (save == SAVE_AUTO) {
+        if (act == ACT_RELU) {
+          save = SAVE_INPUT;
+        } else {
+          const int64_t C = x.size(1);
+          save = gamma_invertible(as_f64(w, C, 1.0), as_f64(b, C, 0.0),
+                                  std::sqrt(dtype_eps(x.scalar_type())))
+                     ? SAVE_OUTPUT
+                     : SAVE_INPUT;
+        }
+      }
+      mode = save == SAVE_OUTPUT ? SAVED_Y : SAVED_X_ACT;
+      bslope = act == ACT_RELU ? 0.0 : act == ACT_LEAKY ? slope : 1.0;
+    }
+    // ONE activation-sized tensor for backward: x, or y when it can be inverted.
+    ctx->save_for_backward({mode == SAVED_Y ? y : x, w, b, mean, var});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["slope"] = bslope;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& w = saved[1];
+    const Tensor& b = saved[2];
+    // Edge indices count only the inputs that are tensors: x, then γ if given, then β if given.
+    const size_t ew = 1, eb = w.defined() ? 2 : 1;
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = w.defined() && ctx->needs_input_grad(ew);
+    const bool need_b = b.defined() && ctx->needs_input_grad(eb);
+    variable_list out(9);  // one per forward argument: x, w, b, run, eps, factor, act, slope, save
+    if (!grads[0].defined() || !(need_x || need_w || need_b)) return out;
+    auto [dx, dgamma, dbeta] =
+        backward_act(grads[0], saved[0], saved[3], saved[4], w, b, ctx->saved_data["eps"].toDouble(),
+                     ctx->saved_data["mode"].toInt(), ctx->saved_data["slope"].toDouble());
+    if (need_x) out[0] = dx;
+    if (need_w) out[1] = dgamma.to(w.scalar_type());
+    if (need_b) out[2] = dbeta.to(b.scalar_type());
+    return out;
+  }
+};
+
+// The eager entry: None when the kernels do not take these tensors (the caller falls back).
+// factor < 0 means a cumulative average (momentum=None): 1/t for the t-th batch, t from
+// num_batches_tracked. The counter is incremented, and the running statistics moved, only after
+// the kernels have succeeded: a failed call leaves every buffer as it was.
+std::optional<Tensor> train(const Tensor& x, const std::optional<Tensor>& w,
+                            const std::optional<Tensor>& b, const std::optional<Tensor>& rm,
+                            const std::optional<Tensor>& rv, const std::optional<Tensor>& nbt,
+                            double eps, double factor, int64_t act, double slope, int64_t save) {
+  if (!supported(x)) return std::nullopt;
+  const int64_t C = x.size(1);
+  for (const auto* t : {&w, &b, &rm, &rv}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    if (!(*t)->device().is_cpu()) return std::nullopt;
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == C, "weight, bias and the running "
+                      "statistics must have shape (", C, ",) to match the input's ", C,
+                      " channels, got ", (*t)->sizes());
+  }
+  const bool track = rm.has_value() && rm->defined();
+  TORCH_CHECK_VALUE(track == (rv.has_value() && rv->defined()),
+                    "running_mean and running_var must both be tensors or both be None");
+  const bool count = nbt.has_value() && nbt->defined();
+  TORCH_CHECK_VALUE(factor >= 0 || !track || count,
+                    "momentum=None (cumulative average) needs num_batches_tracked");
+  if (track && factor < 0) factor = 1.0 / (double(nbt->item<int64_t>()) + 1.0);
+  const Running run{track ? *rm : Tensor(), track ? *rv : Tensor()};
+  Tensor y = TrainFn::apply(x, w, b, run, eps, factor, act, slope, save);
+  if (count && track) {
+    if (nbt->device().is_cpu() && nbt->scalar_type() == at::kLong && nbt->is_contiguous())
+      ++*nbt->mutable_data_ptr<int64_t>();
+    else {
+      at::NoGradGuard no_grad;
+      nbt->add_(1);
+    }
+  }
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "batchnorm's C++ CPU kernels (see ops/native.py)";
+  m.def("supports", &supported, "whether the kernels take this tensor");
+  m.def("train", &train, "training BN (+ activation) with the running-statistics update, differentiable");
+  using OT = std::optional<Tensor>;
+  const auto val = [](const OT& t) { return t.value_or(Tensor()); };  // None → undefined
+  m.def("forward_act", [val](const Tensor& x, const OT& w, const OT& b, double eps, int64_t act,
+                             double slope) { return forward_act(x, val(w), val(b), eps, act, slope); },
+        "training forward: (y, mean, biased var), statistics float64");
+  m.def("backward_act", [val](const Tensor& dy, const Tensor& saved, const Tensor& mean,
+                              const Tensor& var, const OT& w, const OT& b, double eps, int64_t mode,
+                              double slope) {
+          return backward_act(dy, saved, mean, var, val(w), val(b), eps, mode, slope);
+        },
+        "(dx, dgamma, dbeta) from x or y; dgamma, dbeta float64");
+  m.def("eval_forward", [val](const Tensor& x, const OT& rm, const OT& rv, const OT& w, const OT& b,
+                              double eps, int64_t act, double slope) {
+          return eval_forward(x, val(rm), val(rv), val(w), val(b), eps, act, slope);
+        },
+        "inference: one scale-shift(-activation) pass");
+  m.def("empty_like", &empty_like_cached, "uninitialised tensor like x, from the output cache");
+  m.def("cache_set_limit", &cache_set_limit, "set the idle-byte limit of the output cache");
+  m.def("cache_empty", &cache_empty, "free the idle cached buffers");
+  m.def("cache_info", &cache_info, "the output cache's counters");
+}
