@@ -8,6 +8,7 @@ how a training batch is normalized.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -135,10 +136,23 @@ class BatchNormBase(nn.Module):
     # ------------------------------------------------------------------ forward
     def check_input(self, x: Tensor) -> None:
         """Type, rank, channel count and (in training) at least two values per channel."""
+        if self._valid_fast(x):
+            return
         BF.check_hyperparameters(self.eps, self.momentum)
         BF.check_input(
             x, self.num_features, self._dims, training=self._uses_batch_stats(),
             layer=type(self).__name__,
+        )
+
+    def _valid_fast(self, x: Tensor) -> bool:
+        """The common valid call, recognised without building any message (a few µs a call on
+        small batches); anything else goes through the full checks, which say what is wrong."""
+        eps, mom = self.eps, self.momentum
+        return (
+            type(x) is Tensor and type(eps) is float and 0.0 < eps < math.inf
+            and (mom is None or (type(mom) is float and 0.0 <= mom <= 1.0))
+            and x.dim() in self._dims and x.shape[1] == self.num_features and x.is_floating_point()
+            and (x.numel() >= 2 * self.num_features or not self._uses_batch_stats())
         )
 
     def _uses_batch_stats(self) -> bool:

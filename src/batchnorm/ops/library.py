@@ -187,7 +187,9 @@ def train_eager(
     if _backend != "auto" or torch.compiler.is_compiling():
         return None
     ext = _native_ext()
-    if ext is None or not all(t is None or type(t) in _PLAIN for t in (x, weight, bias)):
+    if ext is None or type(x) not in _PLAIN:
+        return None
+    if (weight is not None and type(weight) not in _PLAIN) or (bias is not None and type(bias) not in _PLAIN):
         return None
     factor = -1.0 if momentum is None else float(momentum)  # < 0: cumulative, 1/t
     return ext.train(x, weight, bias, running_mean, running_var, num_batches_tracked, float(eps),
