@@ -763,25 +763,43 @@ void backward_impl(const Tensor& dy, const Tensor& saved, const Geo& g, const do
 }
 
 // (dL/dx, dL/dγ, dL/dβ) with dγ, dβ in float64, from x (SAVED_X / SAVED_X_ACT) or y (SAVED_Y).
+// A (C,) tensor of dtype dt holding v (written directly for float32/float64: no conversion op).
+Tensor vector_tensor(const std::vector<double>& v, at::ScalarType dt, const at::TensorOptions& o) {
+  const int64_t C = int64_t(v.size());
+  if (dt == at::kFloat) {
+    Tensor t = at::empty({C}, o.dtype(at::kFloat));
+    float* p = t.mutable_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) p[c] = float(v[c]);
+    return t;
+  }
+  Tensor t = at::empty({C}, o.dtype(at::kDouble));
+  std::copy(v.begin(), v.end(), t.mutable_data_ptr<double>());
+  return dt == at::kDouble ? t : t.to(dt);
+}
+
+// dγ and dβ come back in gdtype and bdtype (the parameters' dtypes; float64 from the pybind entry).
 std::tuple<Tensor, Tensor, Tensor> backward_act(const Tensor& dy_in, const Tensor& saved,
                                                 const Tensor& mean, const Tensor& var,
                                                 const Tensor& w, const Tensor& b, double eps,
-                                                int64_t mode, double slope) {
+                                                int64_t mode, double slope,
+                                                at::ScalarType gdtype = at::kDouble,
+                                                at::ScalarType bdtype = at::kDouble) {
   check_supported(saved, "the saved tensor");
   TORCH_CHECK_VALUE(mode == SAVED_X || mode == SAVED_X_ACT || mode == SAVED_Y,
                     "backward mode must be 0, 1 or 2, got ", mode);
   const Geo g = geometry(saved);
   TORCH_CHECK_VALUE(dy_in.sizes() == saved.sizes(), "dL/dy has shape ", dy_in.sizes(),
                     " but the saved tensor has shape ", saved.sizes());
-  const Tensor dy = dy_in.to(saved.scalar_type()).contiguous(format_of(saved));
+  const auto fmt = format_of(saved);
+  const bool as_is = dy_in.scalar_type() == saved.scalar_type() && dy_in.is_contiguous(fmt);
+  const Tensor dy = as_is ? dy_in : dy_in.to(saved.scalar_type()).contiguous(fmt);
   const auto mv = as_f64(mean, g.C, 0.0), vv = as_f64(var, g.C, 1.0);
   const auto wv = as_f64(w, g.C, 1.0), bv = as_f64(b, g.C, 0.0);
-  const auto f64 = saved.options().dtype(at::kDouble);
-  Tensor dgamma = at::empty({g.C}, f64), dbeta = at::empty({g.C}, f64);
+  std::vector<double> dgv(g.C), dbv(g.C);
   Tensor dx = empty_like_cached(saved);
   BN_DISPATCH(saved.scalar_type(), [&] {
-    double* dg = dgamma.mutable_data_ptr<double>();
-    double* db = dbeta.mutable_data_ptr<double>();
+    double* dg = dgv.data();
+    double* db = dbv.data();
     switch (mode) {
       case SAVED_X_ACT:
         return backward_impl<scalar_t, SAVED_X_ACT>(dy, saved, g, mv.data(), vv.data(), wv, bv,
@@ -794,7 +812,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_act(const Tensor& dy_in, const Tenso
                                                 slope, dx, dg, db);
     }
   });
-  return {dx, dgamma, dbeta};
+  return {dx, vector_tensor(dgv, gdtype, saved.options()), vector_tensor(dbv, bdtype, saved.options())};
 }
 
 // ================================================================== running statistics
@@ -893,12 +911,13 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     const bool need_b = b.defined() && ctx->needs_input_grad(eb);
     variable_list out(9);  // one per forward argument: x, w, b, run, eps, factor, act, slope, save
     if (!grads[0].defined() || !(need_x || need_w || need_b)) return out;
-    auto [dx, dgamma, dbeta] =
-        backward_act(grads[0], saved[0], saved[3], saved[4], w, b, ctx->saved_data["eps"].toDouble(),
-                     ctx->saved_data["mode"].toInt(), ctx->saved_data["slope"].toDouble());
+    auto [dx, dgamma, dbeta] = backward_act(
+        grads[0], saved[0], saved[3], saved[4], w, b, ctx->saved_data["eps"].toDouble(),
+        ctx->saved_data["mode"].toInt(), ctx->saved_data["slope"].toDouble(),
+        w.defined() ? w.scalar_type() : at::kDouble, b.defined() ? b.scalar_type() : at::kDouble);
     if (need_x) out[0] = dx;
-    if (need_w) out[1] = dgamma.to(w.scalar_type());
-    if (need_b) out[2] = dbeta.to(b.scalar_type());
+    if (need_w) out[1] = dgamma;
+    if (need_b) out[2] = dbeta;
     return out;
   }
 };
@@ -954,7 +973,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_act", [val](const Tensor& dy, const Tensor& saved, const Tensor& mean,
                               const Tensor& var, const OT& w, const OT& b, double eps, int64_t mode,
                               double slope) {
-          return backward_act(dy, saved, mean, var, val(w), val(b), eps, mode, slope);
+          return backward_act(dy, saved, mean, var, val(w), val(b), eps, mode, slope, at::kDouble,
+                              at::kDouble);
         },
         "(dx, dgamma, dbeta) from x or y; dgamma, dbeta float64");
   m.def("eval_forward", [val](const Tensor& x, const OT& rm, const OT& rv, const OT& w, const OT& b,
