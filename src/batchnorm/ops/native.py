@@ -160,11 +160,6 @@ def backward(
     return backward_act(dy, x, mean, var, weight, None, eps, SAVED_X, 1.0)
 
 
-def update_running_stats(*_args) -> bool:
-    """Not used on this path (``train`` updates the statistics itself); False = use torch ops."""
-    return False
-
-
 if __name__ == "__main__":  # `python -m batchnorm.ops.native`: build now (make setup does)
     ext = load(verbose="-v" in sys.argv)
     print("batchnorm C++ kernels:", "ready" if ext is not None else "unavailable (numba is used)")
