@@ -2,7 +2,8 @@
 
 ``load()`` compiles the extension with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja;
 about a minute on 2 cores, once: the build is kept under ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``, keyed by the source, the flags and this CPU's instruction set).
+``~/.cache/torch_extensions``, keyed by the source, its path, the flags and this CPU's
+instruction set).
 When it cannot be built the package says why once (a ``RuntimeWarning``) and uses the numba
 kernels (``ops/cpu.py``); ``BATCHNORM_NATIVE=0`` skips the build altogether.
 
@@ -42,10 +43,12 @@ def enabled() -> bool:
     return os.environ.get("BATCHNORM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _cpu_tag() -> str:
-    """A short hash of this CPU's instruction-set flags: -march=native code is only reused on a
-    CPU with the same ones (a home directory shared between machines gets one build per kind)."""
-    flags = platform.machine()
+def _build_tag() -> str:
+    """A short hash of this CPU's instruction-set flags and of where the source lives:
+    -march=native code is only reused on a CPU with the same flags (a home directory shared
+    between machines gets one build per kind), and two checkouts do not take turns rebuilding
+    one shared build directory (ninja rebuilds whenever the source path changes)."""
+    flags = platform.machine() + str(SOURCE)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -78,7 +81,7 @@ def load(verbose: bool = False) -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
-        name = f"batchnorm_cpu_{_cpu_tag()}"
+        name = f"batchnorm_cpu_{_build_tag()}"
         if not _built(name):
             print("batchnorm: compiling the C++ CPU kernels (once, about a minute)...",
                   file=sys.stderr, flush=True)
