@@ -189,6 +189,8 @@ def _sync_worker(rank: int, world: int, port: int, cfg_dict: dict, sizes: list[i
             if rank == 0:
                 torch.save({"state": model.module.state_dict(), "steps": steps,
                             "seconds": time.perf_counter() - t0}, os.path.join(out, f"b{b}.pt"))
+        dist.barrier()  # both ranks done before either tears down gloo (a rank leaving early
+        # while its peer is still in a collective can abort the peer)
     finally:
         dist.destroy_process_group()
 
