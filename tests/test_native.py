@@ -139,3 +139,32 @@ def test_cache_limit_reaches_the_cpp_cache():
     finally:
         buffers.set_limit(old)
     assert native.load() is library._native_ext()
+
+
+def test_a_failed_build_warns_once_and_the_layers_fall_back_to_numba(monkeypatch):
+    """No compiler (or ninja): one RuntimeWarning naming the fix, then the numba kernels."""
+    from torch.utils import cpp_extension
+
+    def broken(*_a, **_k):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(native, "_built", lambda name: True)
+    monkeypatch.setattr(native, "_ext", False)  # not tried yet (restored after the test)
+    monkeypatch.setattr(library, "_native_mod", False)
+    with pytest.warns(RuntimeWarning, match="numba kernels instead.*pip install ninja"):
+        assert native.load() is None
+    assert native.load() is None  # tried once: no second build, no second warning
+    bn, ref = B.BatchNorm2d(3), nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    assert library.train_eager(x, None, None, None, None, None, 0.1, 1e-5) is None
+    assert library.kernel_for(x).__name__.endswith(".cpu")
+    torch.testing.assert_close(bn(x), ref(x))
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+def test_env_switch_turns_the_cpp_kernels_off(monkeypatch):
+    monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    monkeypatch.setattr(native, "_ext", False)
+    assert not native.enabled()
+    assert native.load() is None
