@@ -91,6 +91,8 @@ def test_a_failed_call_touches_no_buffer():
         _train(x, torch.ones(4), None, rm, rv, nbt)
     with pytest.raises(ValueError, match="num_batches_tracked"):
         library.train_eager(x, None, None, rm, rv, None, None, 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        _train(torch.randn(1, 3), None, None, rm, rv, nbt)
     assert all(torch.equal(a, b) for a, b in zip((rm, rv, nbt), before, strict=True))
 
 

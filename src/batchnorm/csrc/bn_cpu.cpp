@@ -942,6 +942,9 @@ std::optional<Tensor> train(const Tensor& x, const std::optional<Tensor>& w,
   const bool track = rm.has_value() && rm->defined();
   TORCH_CHECK_VALUE(track == (rv.has_value() && rv->defined()),
                     "running_mean and running_var must both be tensors or both be None");
+  TORCH_CHECK_VALUE(x.numel() >= 2 * C, "training needs more than 1 value per channel to compute "
+                    "a variance, got input of shape ", x.sizes(), "; use a batch of at least 2, or "
+                    "call .eval() to use the running statistics");
   const bool count = nbt.has_value() && nbt->defined();
   TORCH_CHECK_VALUE(factor >= 0 || !track || count,
                     "momentum=None (cumulative average) needs num_batches_tracked");
