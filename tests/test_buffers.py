@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import batchnorm as B
-from batchnorm.ops import buffers, library
+from batchnorm.ops import buffers, library, native
 
 BIG = (4, 16, 64, 64)  # 1 MiB of float32 values: 4 MiB, above MIN_BYTES
 
 
 def _native_cache():
-    ext = library._native_ext()
+    ext = native.load()
     if ext is None:
         pytest.skip("the C++ kernels are not built here")
     return ext.empty_like, lambda: buffers.info()["native"]

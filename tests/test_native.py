@@ -140,7 +140,7 @@ def test_cache_limit_reaches_the_cpp_cache():
         assert buffers.info()["native"]["limit"] == 12345
     finally:
         buffers.set_limit(old)
-    assert native.load() is library._native_ext()
+    assert native.load() is native._ext
 
 
 def test_a_failed_build_warns_once_and_the_layers_fall_back_to_numba(monkeypatch):
@@ -153,7 +153,6 @@ def test_a_failed_build_warns_once_and_the_layers_fall_back_to_numba(monkeypatch
     monkeypatch.setattr(cpp_extension, "load", broken)
     monkeypatch.setattr(native, "_built", lambda name: True)
     monkeypatch.setattr(native, "_ext", False)  # not tried yet (restored after the test)
-    monkeypatch.setattr(library, "_native_mod", False)
     with pytest.warns(RuntimeWarning, match="numba kernels instead.*pip install ninja"):
         assert native.load() is None
     assert native.load() is None  # tried once: no second build, no second warning

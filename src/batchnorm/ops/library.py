@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import reference
+from . import native, reference
 
 _BACKENDS = ("auto", "numba", "reference")
 _backend = os.environ.get("BATCHNORM_BACKEND", "auto")
@@ -60,14 +60,12 @@ def cpu_kernels() -> ModuleType | None:
 
 def native_kernels() -> ModuleType | None:
     """``ops.native`` once its C++ extension is built (on first use), or None where it cannot be."""
-    from . import native
-
     return native if native.load() is not None else None
 
 
 def _compiled(k: ModuleType) -> bool:
     """Whether kernel_for chose compiled CPU kernels (C++ or numba: they have the fused entries)."""
-    return k is _cpu_kernels or k.__name__.endswith(".native")
+    return k is _cpu_kernels or k is native
 
 
 def kernel_for(x: Tensor) -> ModuleType:
@@ -186,27 +184,12 @@ def train_eager(
     ``save``: 1 keeps x for backward, 2 keeps y, 0 keeps y when γ and the activation allow it."""
     if _backend != "auto" or torch.compiler.is_compiling():
         return None
-    ext = _native_ext()
-    if ext is None or type(x) not in _PLAIN:
-        return None
-    if (weight is not None and type(weight) not in _PLAIN) or (bias is not None and type(bias) not in _PLAIN):
+    ext = native.load()  # cached after the first call
+    if ext is None or not _plain(x, weight, bias):
         return None
     factor = -1.0 if momentum is None else float(momentum)  # < 0: cumulative, 1/t
     return ext.train(x, weight, bias, running_mean, running_var, num_batches_tracked, float(eps),
                      factor, act, float(slope), save)
-
-
-_native_mod: ModuleType | None | bool = False
-
-
-def _native_ext():
-    """The loaded C++ extension module (cached), or None."""
-    global _native_mod
-    if _native_mod is False:
-        from . import native
-
-        _native_mod = native.load()
-    return _native_mod
 
 
 def batch_norm_train(
@@ -219,10 +202,19 @@ def batch_norm_train(
     return _EagerBatchNorm.apply(x, weight, bias, eps)
 
 
-def _use_op(*tensors: Tensor | None) -> bool:
+def _use_op(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """The custom op (not the eager fast path) while tracing or for tensor subclasses."""
-    plain = all(t is None or type(t) in _PLAIN for t in tensors)
-    return torch.compiler.is_compiling() or not plain
+    return torch.compiler.is_compiling() or not _plain(x, weight, bias)
+
+
+def _plain(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """x, γ and β are plain tensors or parameters (no subclass such as a fake or DTensor); written
+    out, not as a generator, because small batches pay for every µs of this per call."""
+    return (
+        type(x) in _PLAIN
+        and (weight is None or type(weight) in _PLAIN)
+        and (bias is None or type(bias) in _PLAIN)
+    )
 
 
 def _fmt(x: Tensor) -> torch.memory_format:
