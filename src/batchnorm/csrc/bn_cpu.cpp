@@ -206,15 +206,18 @@ std::unordered_map<std::string, int64_t> cache_info() {
 std::vector<double> as_f64(const Tensor& t, int64_t C, double fill) {
   std::vector<double> out(C, fill);
   if (!t.defined()) return out;
-  Tensor v = t.detach();
-  if (v.device().is_cpu() && v.is_contiguous() && v.scalar_type() == at::kFloat) {
-    const float* p = v.const_data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) out[c] = p[c];
-    return out;
+  const bool direct = t.device().is_cpu() && t.is_contiguous();  // read in place, no torch op
+  if (direct && t.scalar_type() == at::kFloat) {
+    const float* p = t.const_data_ptr<float>();
+    std::copy(p, p + C, out.begin());
+  } else if (direct && t.scalar_type() == at::kDouble) {
+    const double* p = t.const_data_ptr<double>();
+    std::copy(p, p + C, out.begin());
+  } else {
+    const Tensor v = t.detach().to(at::kCPU, at::kDouble).contiguous();
+    const double* p = v.const_data_ptr<double>();
+    std::copy(p, p + C, out.begin());
   }
-  v = v.to(at::kCPU, at::kDouble).contiguous();
-  const double* p = v.const_data_ptr<double>();
-  std::copy(p, p + C, out.begin());
   return out;
 }
 
@@ -490,15 +493,16 @@ void check_supported(const Tensor& x, const char* what) {
                     x.sizes(), ", strides ", x.strides());
 }
 
-// Training forward: (act(γ x̂ + β), μ_B, σ²_B biased), statistics in float64.
-std::tuple<Tensor, Tensor, Tensor> forward_act(const Tensor& x, const Tensor& w, const Tensor& b,
-                                               double eps, int64_t act, double slope) {
+// Training forward: (act(γ x̂ + β), μ_B, σ²_B biased), statistics in float64; γ and β as the
+// float64 vectors of as_f64.
+std::tuple<Tensor, Tensor, Tensor> forward_act_v(const Tensor& x, const std::vector<double>& wv,
+                                                 const std::vector<double>& bv, double eps,
+                                                 int64_t act, double slope) {
   check_supported(x, "x");
   const Geo g = geometry(x);
   const auto f64 = x.options().dtype(at::kDouble);
   Tensor mean = at::empty({g.C}, f64), var = at::empty({g.C}, f64);
   Tensor y = empty_like_cached(x);
-  const auto wv = as_f64(w, g.C, 1.0), bv = as_f64(b, g.C, 0.0);
   BN_DISPATCH(x.scalar_type(), [&] {
     double* mp = mean.mutable_data_ptr<double>();
     double* vp = var.mutable_data_ptr<double>();
@@ -507,6 +511,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_act(const Tensor& x, const Tensor& w,
     affine_any<scalar_t>(x, y, g, k, int(act), slope);
   });
   return {y, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_act(const Tensor& x, const Tensor& w, const Tensor& b,
+                                               double eps, int64_t act, double slope) {
+  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have shape (N, C, ...), got ", x.sizes());
+  const int64_t C = x.size(1);
+  return forward_act_v(x, as_f64(w, C, 1.0), as_f64(b, C, 0.0), eps, act, slope);
 }
 
 // Inference: y = act((x − E[x])·γ/sqrt(Var[x] + ε) + β), one pass (Algorithm 2).
@@ -541,12 +552,21 @@ inline void dz_u(T gv, T sv, T m, T aa, T b0, T sl, T isl, T& dz, T& u) {
   }
 }
 
+// (slope, 1/slope) in the compute type; 1/slope is 0 for ReLU (slope 0, never inverted).
+// Callers unpack it into named variables, not a structured binding: their parallel_for lambdas
+// capture the two, which C++17 does not allow for bindings.
+template <typename T>
+inline std::pair<T, T> slopes(double slope) {
+  return {T(slope), T(slope != 0.0 ? 1.0 / slope : 0.0)};
+}
+
 template <typename scalar_t, typename acc_t, int MODE>
 void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
                        const Affine<op_t<scalar_t>>& k, double slope, double* s1, double* s2,
                        double* s3) {
   using T = op_t<scalar_t>;
-  const T sl = T(slope), isl = T(slope != 0.0 ? 1.0 / slope : 0.0);
+  const std::pair<T, T> sp = slopes<T>(slope);
+  const T sl = sp.first, isl = sp.second;
   const PlaneItems pi(g);
   const int64_t L = g.L, C = g.C;
   std::vector<double> p1(pi.items), p2(pi.items), p3(pi.items);
@@ -603,7 +623,8 @@ void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
                      const Affine<op_t<scalar_t>>& k, double slope, double* s1, double* s2,
                      double* s3) {
   using T = op_t<scalar_t>;
-  const T sl = T(slope), isl = T(slope != 0.0 ? 1.0 / slope : 0.0);
+  const std::pair<T, T> sp = slopes<T>(slope);
+  const T sl = sp.first, isl = sp.second;
   const int64_t R = g.outer, C = g.C, nchunk = row_chunks(R, C);
   std::vector<double> p1(nchunk * C, 0.0), p2(nchunk * C, 0.0), p3(nchunk * C, 0.0);
   const T* __restrict mhi = k.mhi.data();
@@ -678,7 +699,8 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
             const Affine<op_t<scalar_t>>& k, double slope, const std::vector<op_t<scalar_t>>& ka,
             const std::vector<op_t<scalar_t>>& kb, const std::vector<op_t<scalar_t>>& kc) {
   using T = op_t<scalar_t>;
-  const T sl = T(slope), isl = T(slope != 0.0 ? 1.0 / slope : 0.0);
+  const std::pair<T, T> sp = slopes<T>(slope);
+  const T sl = sp.first, isl = sp.second;
   const int64_t C = g.C, L = g.L;
   if (!g.rows) {
     at::parallel_for(0, g.outer * C, std::max<int64_t>(1, kGrain / L), [&](int64_t p0, int64_t p1) {
@@ -873,7 +895,9 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
                         const std::optional<Tensor>& b_, Running run, double eps, double factor,
                         int64_t act, double slope, int64_t save) {
     const Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());
-    auto [y, mean, var] = forward_act(x, w, b, eps, act, slope);
+    const int64_t C = x.size(1);
+    const auto wv = as_f64(w, C, 1.0), bv = as_f64(b, C, 0.0);
+    auto [y, mean, var] = forward_act_v(x, wv, bv, eps, act, slope);
     if (run.mean.defined()) update_running(run.mean, run.var, mean, var, x.numel() / x.size(1), factor);
     int64_t mode = SAVED_X;
     double bslope = 1.0;
@@ -882,9 +906,7 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
         if (act == ACT_RELU) {
           save = SAVE_INPUT;
         } else {
-          const int64_t C = x.size(1);
-          save = gamma_invertible(as_f64(w, C, 1.0), as_f64(b, C, 0.0),
-                                  std::sqrt(dtype_eps(x.scalar_type())))
+          save = gamma_invertible(wv, bv, std::sqrt(dtype_eps(x.scalar_type())))
                      ? SAVE_OUTPUT
                      : SAVE_INPUT;
         }
