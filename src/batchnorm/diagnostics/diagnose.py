@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import best_available, load_dataset
-from ..experiments.report import Claim, Figure, ReportSections, Table, save_figure
+from ..experiments.report import Claim, Figure, ReportSections, Table, pyplot, save_figure
 from ..experiments.runner import (
     MetricsLog,
     Stopwatch,
@@ -336,10 +336,7 @@ def statement(agg: dict[str, dict[str, float]]) -> str:
 # ---------------------------------------------------------------- plots and report
 def plot(summary: dict, out: Path) -> list[Path]:
     """percentiles.png (Figure 1(b, c) for every tracked layer), ics.png, landscape.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pct = summary["percentiles"]
     panels = {f"{LABELS[arm]}: input to {rec.get('module', '')} '{name}'": rec

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import conv_training as T
 from .models import InceptionNet
-from .report import Claim, Figure, ReportSections, Table, save_figure
+from .report import Claim, Figure, ReportSections, Table, pyplot, save_figure
 from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_checkpoint
 
 NAME = "ablation"
@@ -142,10 +142,7 @@ def run(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) ->
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     styles = {"Baseline": "k-", "Baseline-Sigmoid": "k:", "BN-Baseline": "C0-", "BN-x5": "C1-",

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import conv_training as T
 from .models import DeepMLP, LeNet
-from .report import Claim, Figure, ReportSections, Table, save_figure
+from .report import Claim, Figure, ReportSections, Table, pyplot, save_figure
 from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_checkpoint
 
 NAME = "claims"
@@ -283,10 +283,7 @@ PLOTS = ("claims_lr.png", "claims_init.png", "claims_regularization.png", "claim
 
 
 def plots(summary: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     for key, fname, xlabel in (("learning_rate", PLOTS[0], "learning rate"),
                                ("initialization", PLOTS[1], "init scale (x He)")):

@@ -28,7 +28,7 @@ from torch import nn
 import batchnorm
 from batchnorm.data import Dataset, best_available, load_dataset
 
-from .report import Claim, Figure, ReportSections, Table, save_figure
+from .report import Claim, Figure, ReportSections, Table, pyplot, save_figure
 from .runner import (
     MetricsLog,
     Stopwatch,
@@ -291,10 +291,7 @@ def make_summary(dataset: str, cfg: Config, results: dict, wall: float) -> dict:
 # ---------------------------------------------------------------- plots and report
 def plot(summary: dict, path: Path) -> Path:
     """Three panels like the paper's Figure 1: (a) test accuracy, (b) baseline and (c) BN percentiles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     colors = {"baseline": "tab:gray", "bn": "tab:blue"}

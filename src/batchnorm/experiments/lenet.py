@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import conv_training as T
 from .models import LeNet, count_bn_layers
-from .report import Claim, Figure, ReportSections, Table, save_figure
+from .report import Claim, Figure, ReportSections, Table, pyplot, save_figure
 from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_checkpoint
 
 NAME = "lenet"
@@ -115,10 +115,7 @@ def run(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) ->
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for (name, r), c in zip(summary["nets"].items(), ("C0", "C1", "C2"), strict=False):

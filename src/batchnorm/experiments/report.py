@@ -55,6 +55,17 @@ class ReportSections:
     notes: list[str] = field(default_factory=list)
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed), imported on first
+    use so that importing an experiment does not load matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     import io

@@ -37,7 +37,7 @@ from torch import nn
 from ..layers import BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, SyncBatchNorm
 from ..tools import recompute_population_stats
 from . import conv_training as T
-from .report import Claim, Figure, ReportSections, Table, save_figure
+from .report import Claim, Figure, ReportSections, Table, pyplot, save_figure
 from .runner import (
     MetricsLog,
     Stopwatch,
@@ -273,10 +273,7 @@ def run(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) ->
 
 # ---------------------------------------------------------------- plots and report
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for i, (label, rows) in enumerate(summary["table"].items()):
