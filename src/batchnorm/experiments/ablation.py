@@ -30,11 +30,9 @@ _h = option
 
 
 @dataclass
-class Config:
+class Config(T.DataConfig):
     """Settings of the ablation; the default budget fits ~25 min on 2 shared cores (see docs)."""
 
-    dataset: str = field(default="", metadata=_h("mnist, fashion-mnist or digits; empty: best available"))
-    data_dir: str = field(default="", metadata=_h("directory holding the dataset files (optional)"))
     steps: int = field(default=2000, metadata=_h("training steps per variant (the shared budget)"))
     batch_size: int = field(default=32, metadata=_h("mini-batch size (the paper's 32)"))
     width: int = field(default=4, metadata=_h("channel multiplier of the Inception-style net"))

@@ -42,11 +42,9 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 @dataclass
-class Config:
+class Config(T.DataConfig):
     """Settings of the claims study (defaults: 32 nets; estimated 5-10 min on 2 idle cores)."""
 
-    dataset: str = field(default="", metadata=_h("mnist, fashion-mnist or digits; empty: best available"))
-    data_dir: str = field(default="", metadata=_h("directory holding the dataset files (optional)"))
     train_examples: int = field(default=10000, metadata=_h("training subset size (0: all)"))
     test_examples: int = field(default=2000, metadata=_h("test subset size (0: all)"))
     steps: int = field(default=600, metadata=_h("SGD steps per trained net"))

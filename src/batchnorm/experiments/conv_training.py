@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.augment import random_affine
+from .runner import option
 
 __all__ = [
-    "Augment", "Batches", "Variant", "evaluate", "jsonable", "load_data", "sgd", "train_step",
+    "Augment", "Batches", "DataConfig", "Variant", "evaluate", "jsonable", "load_data", "sgd", "train_step",
     "train_variants", "variant_seed", "BN_IMPLS", "bn_impl", "with_bn_impl",
 ]
 
@@ -31,6 +32,14 @@ __all__ = [
 def variant_seed(seed: int, tag: str, step: int = 0) -> int:
     """A 62-bit seed for (run seed, variant name, step), stable across processes."""
     return (seed * 1_000_003 + zlib.crc32(tag.encode()) * 65_537 + step * 7_919) % (2**62)
+
+
+@dataclass
+class DataConfig:
+    """The two data settings every conv-net experiment's Config starts with (its base class)."""
+
+    dataset: str = field(default="", metadata=option("mnist, fashion-mnist or digits; empty: best available"))
+    data_dir: str = field(default="", metadata=option("directory holding the dataset files (optional)"))
 
 
 @dataclass

@@ -29,11 +29,9 @@ _h = option
 
 
 @dataclass
-class Config:
+class Config(T.DataConfig):
     """Settings of the LeNet study (defaults: the published run's 20 epochs at batch 128)."""
 
-    dataset: str = field(default="", metadata=_h("mnist, fashion-mnist or digits; empty: best available"))
-    data_dir: str = field(default="", metadata=_h("directory holding the dataset files (optional)"))
     epochs: int = field(default=20, metadata=_h("training epochs per net"))
     batch_size: int = field(default=128, metadata=_h("mini-batch size"))
     lr: float = field(default=0.01, metadata=_h("momentum-SGD learning rate of the no-BN and BN nets"))

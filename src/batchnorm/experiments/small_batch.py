@@ -58,11 +58,9 @@ _h = option
 
 
 @dataclass
-class Config:
+class Config(T.DataConfig):
     """Settings of the small-batch study."""
 
-    dataset: str = field(default="", metadata=_h("mnist, fashion-mnist or digits; empty: best available"))
-    data_dir: str = field(default="", metadata=_h("directory holding the dataset files (optional)"))
     batch_sizes: str = field(default="2,4,8,32", metadata=_h("per-device batch sizes, comma-separated"))
     methods: str = field(default="bn,renorm,ghost,sync", metadata=_h("subset of bn,renorm,ghost,sync"))
     train_subset: int = field(default=4000, metadata=_h("training examples used (0: all)"))
