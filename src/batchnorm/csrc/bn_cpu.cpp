@@ -241,8 +241,10 @@ struct Affine {
 // ================================================================== statistics (Algorithm 1)
 // Planes are cut into work items of at most kBlock values of ONE channel: a block of a long plane
 // (L ≥ kBlock), or several whole short planes of the same channel (samples n0..n1). Items are
-// numbered channel-major, so channel c owns items [c·per_c, (c+1)·per_c) and the merge is a
-// contiguous sweep. Sums run in kLanes independent lanes that are reduced once per item, not once
+// numbered in memory order (sample group, then channel, then block), so parallel_for hands each
+// thread the same half of the tensor as the pass after it (normalize, dx) and as the conv before
+// it: that half is still in the thread's own L2. The merge visits channel c's items in the same
+// order as a channel-major numbering would, so the sums do not depend on the numbering. Sums run in kLanes independent lanes that are reduced once per item, not once
 // per plane: a horizontal add per 100-value plane would cost more than the plane itself.
 constexpr int kLanes = 16;
 
@@ -256,12 +258,14 @@ struct PlaneItems {
     per_c = ngroups * nb;
     items = g.C * per_c;
   }
+  // The item of sample group gi, channel c, block b.
+  int64_t index(int64_t gi, int64_t c, int64_t b, int64_t C) const { return (gi * C + c) * nb + b; }
   int64_t grain() const { return std::max<int64_t>(1, kGrain / (npp * bs)); }
   // Item → channel c, samples [n0, n1), values [lo, hi) of each plane.
   void decode(int64_t it, const Geo& g, int64_t& c, int64_t& n0, int64_t& n1, int64_t& lo,
               int64_t& hi) const {
-    c = it / per_c;
-    const int64_t r = it - c * per_c, gi = r / nb, b = r - gi * nb;
+    const int64_t b = it % nb, q = it / nb, gi = q / g.C;
+    c = q - gi * g.C;
     n0 = gi * npp;
     n1 = std::min(n0 + npp, g.outer);
     lo = b * bs;
@@ -315,18 +319,21 @@ void planes_stats(const scalar_t* x, const Geo& g, double* mean, double* var) {
     }
   });
   for (int64_t c = 0; c < C; ++c) {  // merge (a few thousand float64 adds: one thread)
-    const int64_t i0 = c * pi.per_c, i1 = i0 + pi.per_c;
     double s = 0, tot = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      s += pmean[i] * pcnt[i];
-      tot += pcnt[i];
-    }
+    for (int64_t gi = 0; gi < pi.ngroups; ++gi)
+      for (int64_t b = 0; b < pi.nb; ++b) {
+        const int64_t i = pi.index(gi, c, b, C);
+        s += pmean[i] * pcnt[i];
+        tot += pcnt[i];
+      }
     const double mu = s / tot;  // μ_B = 1/m Σ x_i
     double m2 = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const double d = pmean[i] - mu;
-      m2 += pm2[i] + pcnt[i] * d * d;  // Chan: Σ M2_b + Σ n_b (μ_b − μ)²
-    }
+    for (int64_t gi = 0; gi < pi.ngroups; ++gi)
+      for (int64_t b = 0; b < pi.nb; ++b) {
+        const int64_t i = pi.index(gi, c, b, C);
+        const double d = pmean[i] - mu;
+        m2 += pm2[i] + pcnt[i] * d * d;  // Chan: Σ M2_b + Σ n_b (μ_b − μ)²
+      }
     mean[c] = mu;
     var[c] = m2 / tot;  // σ²_B, biased
   }
@@ -607,11 +614,13 @@ void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
   });
   for (int64_t c = 0; c < C; ++c) {
     double a1 = 0, a2 = 0, a3 = 0;
-    for (int64_t i = c * pi.per_c; i < (c + 1) * pi.per_c; ++i) {
-      a1 += p1[i];
-      a2 += p2[i];
-      a3 += p3[i];
-    }
+    for (int64_t gi = 0; gi < pi.ngroups; ++gi)
+      for (int64_t b = 0; b < pi.nb; ++b) {
+        const int64_t i = pi.index(gi, c, b, C);
+        a1 += p1[i];
+        a2 += p2[i];
+        a3 += p3[i];
+      }
     s1[c] = a1;
     s2[c] = a2;
     s3[c] = a3;
