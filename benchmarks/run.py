@@ -143,10 +143,15 @@ def _nograd(m, x):
 
 
 class LeNet(nn.Module):
-    """Seed 003's LeNet-BN: conv6-BN-ReLU-pool-conv16-BN-ReLU-pool-FC120-BN-ReLU-FC84-BN-ReLU-FC10."""
+    """Seed 003's LeNet-BN: conv6-BN-ReLU-pool-conv16-BN-ReLU-pool-FC120-BN-ReLU-FC84-BN-ReLU-FC10.
+
+    A conv or linear layer that BN follows has no bias (β subsumes it, paper Section 3.2; as in
+    ``experiments/models.py``), for torch.nn's BN as for ours; ``bn="none"`` keeps the biases.
+    """
 
     def __init__(self, bn: str) -> None:
         super().__init__()
+        b = bn == "none"
 
         def norm_act(c, rank):
             if bn == "none":
@@ -158,9 +163,9 @@ class LeNet(nn.Module):
             return (B.BatchNormAct1d if rank == 2 else B.BatchNormAct2d)(c, "relu")
 
         self.net = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), norm_act(6, 4), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), norm_act(16, 4), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(400, 120), norm_act(120, 2), nn.Linear(120, 84), norm_act(84, 2),
+            nn.Conv2d(1, 6, 5, padding=2, bias=b), norm_act(6, 4), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, bias=b), norm_act(16, 4), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(400, 120, bias=b), norm_act(120, 2), nn.Linear(120, 84, bias=b), norm_act(84, 2),
             nn.Linear(84, 10),
         )
 
