@@ -94,3 +94,66 @@ def test_subclasses_are_left_alone():
 def test_bad_target_raises(bad):
     with pytest.raises(ValueError, match="to must be 'batchnorm' or 'torch'"):
         batchnorm.convert_model(nn.Sequential(nn.BatchNorm1d(2)), to=bad)
+
+
+# ------------------------------------------------------------------ fuse_bn_act
+def act_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        nn.Sequential(nn.Conv2d(4, 4, 3, bias=False), batchnorm.BatchNorm2d(4, momentum=None),
+                      nn.LeakyReLU(0.2)),
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Sigmoid(),  # not fusable: stays as it is
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 8, bias=False), nn.BatchNorm1d(8, affine=False),
+        nn.LeakyReLU(0.0), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.LeakyReLU(-0.5),  # not invertible
+    )
+
+
+def test_fuse_bn_act_fuses_sequential_pairs_with_the_same_values_and_state_keys():
+    torch.manual_seed(0)
+    ref = act_net()
+    model = act_net()
+    model.load_state_dict(ref.state_dict())
+    keys = list(model.state_dict())
+    params_before = dict(model.named_parameters())
+    assert batchnorm.fuse_bn_act(model) is model
+    fused = [(type(m), m.activation, m.negative_slope) for m in model.modules()
+             if isinstance(m, (batchnorm.BatchNormAct1d, batchnorm.BatchNormAct2d))]
+    assert fused == [(batchnorm.BatchNormAct2d, "relu", 0.01),
+                     (batchnorm.BatchNormAct2d, "leaky_relu", 0.2),
+                     (batchnorm.BatchNormAct1d, "relu", 0.01)]
+    assert isinstance(model[2], nn.Identity) and isinstance(model[3][2], nn.Identity)
+    assert type(model[5]) is nn.BatchNorm2d and type(model[12]) is nn.BatchNorm1d  # left alone
+    assert model[3][1].momentum is None and model[9].affine is False
+    assert list(model.state_dict()) == keys  # checkpoints load both ways
+    assert dict(model.named_parameters()) == params_before  # the very same tensors
+    x = torch.randn(6, 3, 6, 6, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    for _ in range(2):  # training: outputs, input gradients and running statistics agree
+        out, want = model(x), ref(x2)
+        torch.testing.assert_close(out, want)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+    for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=n)
+    for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=n)
+    model.eval()
+    ref.eval()
+    torch.testing.assert_close(model(x), ref(x))
+    ref.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_fuse_bn_act_leaves_custom_forward_modules_alone():
+    class Skip(nn.Module):  # the BN output also feeds the sum: fusing would change the values
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act = nn.BatchNorm2d(3), nn.ReLU()
+
+        def forward(self, x):
+            y = self.bn(x)
+            return self.act(y) + y
+
+    model = Skip()
+    batchnorm.fuse_bn_act(model)
+    assert type(model.bn) is nn.BatchNorm2d and type(model.act) is nn.ReLU

@@ -26,6 +26,7 @@ from .tools import (
     convert_model,
     fold_batchnorm,
     freeze_batchnorm,
+    fuse_bn_act,
     recompute_population_stats,
     unfreeze_batchnorm,
 )
@@ -48,4 +49,4 @@ __all__ += [
     "freeze_batchnorm", "recompute_population_stats", "unfreeze_batchnorm",
 ]
 __all__ += ["diagnostics"]
-__all__ += ["BatchNormAct1d", "BatchNormAct2d"]
+__all__ += ["BatchNormAct1d", "BatchNormAct2d", "fuse_bn_act"]

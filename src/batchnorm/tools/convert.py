@@ -1,4 +1,4 @@
-"""Swap ``torch.nn.BatchNorm*`` layers for ours in a whole model, and back.
+"""Swap ``torch.nn.BatchNorm*`` layers for ours in a whole model, and back; fuse BN + activation.
 
 The converted layer *shares* the original's parameters and buffers (same tensor objects), so
 an optimizer built before the conversion keeps working and no values change.
@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from ..layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormBase,
+)
 from ..layers.base import replace_modules, share_state
 
 _TO_OURS: dict[type[nn.Module], type[BatchNormBase]] = {
@@ -44,3 +51,55 @@ def convert_model(module: nn.Module, to: str = "batchnorm") -> nn.Module:
     if to == "torch":
         return _convert(module, _TO_TORCH)
     raise ValueError(f"to must be 'batchnorm' or 'torch', got {to!r}")
+
+
+_TO_FUSED: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: BatchNormAct1d, BatchNorm1d: BatchNormAct1d,
+    nn.BatchNorm2d: BatchNormAct2d, BatchNorm2d: BatchNormAct2d,
+}
+
+
+def _activation_of(m: nn.Module) -> tuple[str, float] | None:
+    """(activation, negative_slope) of a ``BatchNormAct`` equal to ``m``, or None if there is none
+    (a LeakyReLU with a negative slope is not invertible, so it stays separate)."""
+    if type(m) is nn.ReLU:
+        return "relu", 0.01
+    if type(m) is nn.LeakyReLU:
+        if m.negative_slope == 0:
+            return "relu", 0.01
+        if m.negative_slope > 0:
+            return "leaky_relu", float(m.negative_slope)
+    return None
+
+
+def fuse_bn_act(module: nn.Module) -> nn.Module:
+    """Replace each BN layer followed by ``nn.ReLU`` or ``nn.LeakyReLU`` inside an ``nn.Sequential``
+    with one ``BatchNormAct1d/2d``, in place; returns the model.
+
+    The fused layer computes the same values, saves one activation-sized tensor for backward
+    instead of two, and makes one pass fewer each way (see ``layers/act.py``). It shares the BN
+    layer's parameters and buffers (an optimizer built before keeps working), takes the BN's
+    place in the ``Sequential`` and leaves an ``nn.Identity`` in the activation's, so every
+    ``state_dict`` key stays the same and old checkpoints load.
+
+    Only ``nn.Sequential`` children are fused: there the order of the children is the data flow.
+    Elsewhere (a custom ``forward``) a BN's output might also go somewhere else, so those are left
+    alone; build such models with ``BatchNormAct2d`` directly. BN layers of other types
+    (``BatchNorm3d``, subclasses, the variants) are left alone too.
+    """
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for name, nxt in zip(names, names[1:], strict=False):
+            bn, act = seq._modules[name], seq._modules[nxt]
+            fused_cls = _TO_FUSED.get(type(bn))
+            spec = _activation_of(act) if act is not None else None
+            if fused_cls is None or spec is None:
+                continue
+            fused = fused_cls(
+                bn.num_features, activation=spec[0], negative_slope=spec[1], eps=bn.eps,
+                momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats,
+                device="meta",
+            )
+            seq._modules[name] = share_state(bn, fused)
+            seq._modules[nxt] = nn.Identity()
+    return module
