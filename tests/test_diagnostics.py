@@ -269,3 +269,13 @@ def test_health_drift_low_variance_and_gamma_collapse(to):
     assert bn_health(model)[0]["mean_shift_mean"] is None
     with pytest.raises(ValueError, match="no BatchNorm"):
         bn_health(nn.Linear(2, 2))
+
+
+def test_tracker_plot_format_follows_the_suffix(tmp_path):
+    model = mlp()
+    with ActivationTracker(model) as tr:
+        model(batch()[0])
+    assert tr.plot(tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tr.plot(tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
+    assert tr.plot(tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pdf", "p.png", "p.svg"]  # no temp files

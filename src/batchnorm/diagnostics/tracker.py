@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -216,11 +215,9 @@ def plot_percentile_runs(
     *, title: str | None = None, cols: int = 3,
 ) -> Path:
     """Plot ``{panel title: layer record}`` (records as in ``results()["layers"]``) side by side."""
-    import matplotlib
+    from ..experiments.report import pyplot, save_figure  # matplotlib only when plotting
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     n = max(len(panels), 1)
     cols = max(1, min(n, cols))
@@ -242,28 +239,7 @@ def plot_percentile_runs(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save_figure(fig, path)
-
-
-def _save_figure(fig: Any, path: Path) -> Path:
-    """Write a matplotlib figure atomically (temp file + os.replace) and close it."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix or ".png"
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _select_layers(
