@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import os
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -191,6 +192,12 @@ def _sync_worker(rank: int, world: int, port: int, cfg_dict: dict, sizes: list[i
         # while its peer is still in a collective can abort the peer)
     finally:
         dist.destroy_process_group()
+    # Success: every result is on disk. Leave without the interpreter's and C++ static teardown,
+    # where a still-joinable library thread once aborted a finished worker with SIGABRT
+    # ("terminate called without an active exception"), failing a run that had succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _train_sync(sizes: list[int], cfg: Config) -> dict[int, tuple[nn.Module, int, float]]:
