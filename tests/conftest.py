@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -32,3 +33,11 @@ def bn_core_backend(request):
         yield request.param
     finally:
         batchnorm.set_backend(old)
+
+
+@pytest.fixture
+def torch_bn_bias() -> bool:
+    """Whether this torch's ``nn.BatchNorm*`` take the keyword-only ``bias`` (torch 2.13 does; the
+    package supports torch >= 2.4). Tests that hand ``bias=`` to torch's layer, or compare reprs
+    that show it, ask this first."""
+    return "bias" in inspect.signature(torch.nn.BatchNorm1d.__init__).parameters
