@@ -161,3 +161,21 @@ def test_fuse_bn_act_leaves_custom_forward_modules_alone():
     model = Skip()
     batchnorm.fuse_bn_act(model)
     assert type(model.bn) is nn.BatchNorm2d and type(model.act) is nn.ReLU
+
+
+def test_fuse_bn_act_keeps_pairs_with_hooks_and_sequentials_with_their_own_forward():
+    class Doubling(nn.Sequential):  # its forward is not a plain chain
+        def forward(self, x):
+            y = self[0](x)
+            return self[1](y) + y
+
+    class Block(nn.Sequential):  # a subclass with Sequential's forward is fused
+        pass
+
+    hooked = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    hooked[1].register_forward_hook(lambda m, a, out: out)
+    model = nn.Sequential(Doubling(nn.BatchNorm2d(3), nn.ReLU()), hooked,
+                          Block(nn.BatchNorm2d(3), nn.ReLU()))
+    batchnorm.fuse_bn_act(model)
+    assert type(model[0][0]) is nn.BatchNorm2d and type(model[1][0]) is nn.BatchNorm2d
+    assert type(model[2][0]) is batchnorm.BatchNormAct2d and type(model[2][1]) is nn.Identity

@@ -242,10 +242,12 @@ struct Affine {
 // Planes are cut into work items of at most kBlock values of ONE channel: a block of a long plane
 // (L ≥ kBlock), or several whole short planes of the same channel (samples n0..n1). Items are
 // numbered in memory order (sample group, then channel, then block), so parallel_for hands each
-// thread the same half of the tensor as the pass after it (normalize, dx) and as the conv before
-// it: that half is still in the thread's own L2. The merge visits channel c's items in the same
-// order as a channel-major numbering would, so the sums do not depend on the numbering. Sums run in kLanes independent lanes that are reduced once per item, not once
-// per plane: a horizontal add per 100-value plane would cost more than the plane itself.
+// thread the same half of the tensor as the pass after it (normalize, dx) and as a conv before it
+// that splits over samples: that half is still in the thread's own caches. (Numbered
+// channel-major, each thread read half its data from the other core.) The merge visits channel
+// c's items in the channel-major order all the same. Sums run in kLanes independent lanes that
+// are reduced once per item, not once per plane: a horizontal add per 100-value plane would cost
+// more than the plane itself.
 constexpr int kLanes = 16;
 
 struct PlaneItems {

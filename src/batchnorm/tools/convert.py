@@ -72,28 +72,38 @@ def _activation_of(m: nn.Module) -> tuple[str, float] | None:
     return None
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
 def fuse_bn_act(module: nn.Module) -> nn.Module:
     """Replace each BN layer followed by ``nn.ReLU`` or ``nn.LeakyReLU`` inside an ``nn.Sequential``
     with one ``BatchNormAct1d/2d``, in place; returns the model.
 
     The fused layer computes the same values, saves one activation-sized tensor for backward
-    instead of two, and makes one pass fewer each way (see ``layers/act.py``). It shares the BN
-    layer's parameters and buffers (an optimizer built before keeps working), takes the BN's
-    place in the ``Sequential`` and leaves an ``nn.Identity`` in the activation's, so every
-    ``state_dict`` key stays the same and old checkpoints load.
+    instead of two, and skips the activation's own passes (a read and a write forward, two reads
+    and a write backward; see ``layers/act.py``). It shares the BN layer's parameters and buffers
+    (an optimizer built before keeps working), takes the BN's place in the ``Sequential`` and
+    leaves an ``nn.Identity`` in the activation's, so every ``state_dict`` key stays the same and
+    old checkpoints load.
 
-    Only ``nn.Sequential`` children are fused: there the order of the children is the data flow.
-    Elsewhere (a custom ``forward``) a BN's output might also go somewhere else, so those are left
-    alone; build such models with ``BatchNormAct2d`` directly. BN layers of other types
-    (``BatchNorm3d``, subclasses, the variants) are left alone too.
+    Only children of an ``nn.Sequential`` (or of a subclass that keeps its ``forward``, such as
+    torchvision's ``Conv2dNormActivation``) are fused: there the order of the children is the data
+    flow. Elsewhere (a custom ``forward``) a BN's output might also go somewhere else, so those are
+    left alone; build such models with ``BatchNormAct2d`` directly. Also left alone: BN layers of
+    other types (``BatchNorm3d``, subclasses, the variants) and pairs where either module has
+    hooks, which the fused layer could not honour.
     """
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+    seqs = [m for m in module.modules()
+            if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
+    for seq in seqs:
         names = list(seq._modules)
         for name, nxt in zip(names, names[1:], strict=False):
             bn, act = seq._modules[name], seq._modules[nxt]
             fused_cls = _TO_FUSED.get(type(bn))
             spec = _activation_of(act) if act is not None else None
-            if fused_cls is None or spec is None:
+            if fused_cls is None or spec is None or _has_hooks(bn) or _has_hooks(act):
                 continue
             fused = fused_cls(
                 bn.num_features, activation=spec[0], negative_slope=spec[1], eps=bn.eps,
