@@ -1,0 +1,52 @@
+"""benchmarks/run.py still runs and measures what its table claims (no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm as B
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lenet_bn_nets_drop_the_bias_before_bn_and_the_plain_net_keeps_it(bench):
+    for bn in ("none", "torch", "ours", "ours fused"):
+        layers = [m for m in bench.LeNet(bn).modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        *hidden, last = layers
+        assert all((m.bias is None) == (bn != "none") for m in hidden), bn
+        assert last.bias is not None  # the classifier has no BN after it
+    fused = [type(m) for m in bench.LeNet("ours fused").modules()
+             if isinstance(m, (B.BatchNormAct1d, B.BatchNormAct2d))]
+    assert fused == [B.BatchNormAct2d, B.BatchNormAct2d, B.BatchNormAct1d, B.BatchNormAct1d]
+
+
+def test_saved_bytes_counts_what_autograd_keeps(bench):
+    x = torch.randn(8, 4, 5, 5)
+    tbn, _, oact = bench.make_layers(4, 4)
+    relu = nn.ReLU()
+    assert bench.saved_bytes(lambda t: relu(tbn(t)), x) == pytest.approx(2.0, abs=0.05)
+    assert bench.saved_bytes(oact, x) == pytest.approx(1.0, abs=0.05)
+    assert bench.saved_bytes(lambda t: t * 2, x) == 0.0  # a multiply by a constant keeps nothing
+
+
+def test_quick_run_prints_every_table_row(bench, capsys):
+    bench.main(["--quick", "--no-warm", "--shapes", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for case in ("fwd", "fwd+bwd", "fwd+bwd, no cache", "fwd+bwd, numba", "bn+relu fwd+bwd"):
+        assert f"| (60, 100) | {case} |" in out
+    for variant in ("none", "torch", "ours", "ours fused", "ours (numba)"):
+        assert f"\n| {variant} | " in out
+    assert "default allocator" in out and "eight-pass bound" not in out  # --no-warm: no child
