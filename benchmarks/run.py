@@ -173,12 +173,15 @@ class LeNet(nn.Module):
         return self.net(x)
 
 
-def bench_lenet(repeats: int) -> dict[str, tuple[float, float, float, float]]:
+def bench_lenet(repeats: int) -> dict[str, tuple[float, float, float, float, float]]:
     """Per variant: (median step time, then the 25th, 50th and 75th percentile of its overhead
-    over "none"). The variants take turns, five steps each, in a rotating order, for
-    ``8·repeats`` rounds; the overhead is taken per round (this round's time over this round's
-    "none"), so a slow spell of the shared machine, which moves every variant alike, cancels out
-    of the ratio instead of landing on whichever variant it hit."""
+    over "none", then page faults per step). The variants take turns, five steps each, in a
+    rotating order, for ``8·repeats`` rounds; the overhead is taken per round (this round's time
+    over this round's "none"), so a slow spell of the shared machine, which moves every variant
+    alike, cancels out of the ratio instead of landing on whichever variant it hit. The faults
+    show what the allocator costs each net: under glibc's default thresholds the no-BN net's
+    ReLU outputs come back as fresh pages every step, while this package's outputs come from its
+    buffer cache."""
     torch.manual_seed(0)
     x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
     steps = {}
@@ -199,12 +202,15 @@ def bench_lenet(repeats: int) -> dict[str, tuple[float, float, float, float]]:
         steps[bn] = step
     names = list(steps)
     times: dict[str, list[float]] = {bn: [] for bn in steps}
+    flt = dict.fromkeys(steps, 0)
     for r in range(8 * repeats):
         for bn in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             for _ in range(5):
                 steps[bn]()
             times[bn].append((time.perf_counter() - t0) / 5)
+            flt[bn] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
     def q(v: list[float], f: float) -> float:
         v = sorted(v)
@@ -213,7 +219,8 @@ def bench_lenet(repeats: int) -> dict[str, tuple[float, float, float, float]]:
     out = {}
     for bn, ts in times.items():
         ratios = [t / n - 1 for t, n in zip(ts, times["none"], strict=True)]
-        out[bn] = (q(ts, 0.5), q(ratios, 0.25), q(ratios, 0.5), q(ratios, 0.75))
+        out[bn] = (q(ts, 0.5), q(ratios, 0.25), q(ratios, 0.5), q(ratios, 0.75),
+                   flt[bn] / (5 * len(ts)))  # page faults per timed step
     return out
 
 
@@ -231,13 +238,14 @@ def print_table(rows, bw, lenet, title) -> None:
               f"{r['speedup']:.2f}x | {r['gbs']:.1f} | {r['of_copy']:.2f} | {r['faults']:.0f} | {st} | {so} |")
     print("\nLeNet-style training step, batch 128: median step time; BN overhead over no BN taken "
           "round by round (median, and the middle half of the rounds)")
-    print("| BN | step ms | BN overhead | middle half |")
-    print("|---|---:|---:|---:|")
-    for k, (t, lo, med, hi) in lenet.items():
+    print("| BN | step ms | BN overhead | middle half | faults/step |")
+    print("|---|---:|---:|---:|---:|")
+    for k, (t, lo, med, hi, f) in lenet.items():
         if k == "none":
-            print(f"| {k} | {t * 1e3:.3f} |  |  |")
+            print(f"| {k} | {t * 1e3:.3f} |  |  | {f:.0f} |")
         else:
-            print(f"| {k} | {t * 1e3:.3f} | {med * 100:+.1f}% | {lo * 100:+.1f}% to {hi * 100:+.1f}% |")
+            print(f"| {k} | {t * 1e3:.3f} | {med * 100:+.1f}% | {lo * 100:+.1f}% to {hi * 100:+.1f}% "
+                  f"| {f:.0f} |")
 
 
 def main(argv=None) -> None:
