@@ -326,3 +326,27 @@ def test_half_input_in_the_hundreds_through_the_layer(bn_core_backend, dtype):
     assert (x.grad.double() - want_dx).abs().max() <= 8 * ulp * want_dx.abs().max()
     torch.testing.assert_close(layer.running_mean.double(),
                                0.9 * 0 + 0.1 * x.detach().double().mean((0, 2, 3)))
+
+
+@pytest.mark.parametrize("make", [lambda: batchnorm.BatchNorm2d(3),
+                                  lambda: batchnorm.BatchNormAct2d(3, "leaky_relu", 0.2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_parametrized_weight_and_buffer_are_used(make, training):
+    """The layers read γ, β and the buffers from the module's tables for speed; a parametrized
+    name lives elsewhere (a property) and must still be the one used."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    plain, layer = make().train(training), make().train(training)
+    _randomize(plain)
+    layer.load_state_dict(plain.state_dict())
+    names = ["weight"] if training else ["weight", "running_var"]  # eval reads the buffers
+    for name in names:
+        with torch.no_grad():
+            getattr(plain, name).mul_(2)
+        parametrize.register_parametrization(layer, name, Double())
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(layer(x), plain(x))

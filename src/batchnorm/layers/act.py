@@ -80,20 +80,16 @@ class _BatchNormAct(BatchNormBase):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         act, slope = self._act()
-        if not self._uses_batch_stats():  # inference: one fused scale-shift-activation pass
-            return library.eval_forward(
-                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, act, slope
-            )
-
         rm, rv, nbt = self._running_buffers()
+        w, b = self._params()
+        if not self._uses_batch_stats():  # inference: one fused scale-shift-activation pass
+            return library.eval_forward(x, rm, rv, w, b, self.eps, act, slope)
+
         save = library.SAVE_INPUT if act == 1 else 0  # 0: y when γ can be inverted (C++ checks)
-        y = library.train_eager(x, self.weight, self.bias, rm, rv, nbt, self.momentum, self.eps,
-                                act, slope, save)
+        y = library.train_eager(x, w, b, rm, rv, nbt, self.momentum, self.eps, act, slope, save)
         if y is not None:
             return y
-        y, mean, var = library.bn_act_train(
-            x, self.weight, self.bias, float(self.eps), act, slope, self._save_mode(x)
-        )
+        y, mean, var = library.bn_act_train(x, w, b, float(self.eps), act, slope, self._save_mode(x))
         if rm is not None:  # the same EMA as functional.batch_norm (unbiased σ²_B)
             factor = BF.ema_factor(self.momentum, nbt)
             BF.update_running_stats(

@@ -18,6 +18,19 @@ from torch import Tensor, nn
 from .. import functional as BF
 from ..ops import library
 
+_MISSING = object()
+
+
+def _read(module: nn.Module, table: dict[str, Any], name: str) -> Any:
+    """``getattr(module, name)`` for a registered parameter or buffer, read from its table.
+
+    ``module.weight`` goes through ``nn.Module.__getattr__``: about 0.6 µs a name here, a third
+    of a small layer's Python time when five are read per call. A name missing from the table
+    (a parametrization's property, FSDP's plain-tensor views) is read the normal way.
+    """
+    v = table.get(name, _MISSING)
+    return getattr(module, name) if v is _MISSING else v
+
 
 def share_state(old: nn.Module, new: nn.Module) -> nn.Module:
     """Give ``new`` the very parameters, buffers and mode of ``old`` (same tensor objects), so a
@@ -157,23 +170,30 @@ class BatchNormBase(nn.Module):
 
     def _uses_batch_stats(self) -> bool:
         """Mode comes from self.training alone; without running stats, only batch stats exist."""
-        return self.training or self.running_mean is None
+        return self.training or _read(self, self._buffers, "running_mean") is None
+
+    def _params(self) -> tuple[Tensor | None, Tensor | None]:
+        """(γ, β), None where absent."""
+        p = self._parameters
+        return _read(self, p, "weight"), _read(self, p, "bias")
 
     def _running_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """Buffers this call reads or updates: running stats in eval, or in training if tracked."""
         if not self.training or self.track_running_stats:
-            nbt = self.num_batches_tracked if self.training else None
-            return self.running_mean, self.running_var, nbt
+            b = self._buffers
+            nbt = _read(self, b, "num_batches_tracked") if self.training else None
+            return _read(self, b, "running_mean"), _read(self, b, "running_var"), nbt
         return None, None, None
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         rm, rv, nbt = self._running_buffers()
+        w, b = self._params()
         if self._uses_batch_stats():  # one C++ call on CPU when it applies (ops/library.py)
-            y = library.train_eager(x, self.weight, self.bias, rm, rv, nbt, self.momentum, self.eps)
+            y = library.train_eager(x, w, b, rm, rv, nbt, self.momentum, self.eps)
             if y is not None:
                 return y
         return BF.batch_norm(
-            x, rm, rv, self.weight, self.bias, self._uses_batch_stats(), self.momentum, self.eps,
+            x, rm, rv, w, b, self._uses_batch_stats(), self.momentum, self.eps,
             num_batches_tracked=nbt,
         )
