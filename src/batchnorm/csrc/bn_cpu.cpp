@@ -251,23 +251,27 @@ struct Affine {
 constexpr int kLanes = 16;
 
 struct PlaneItems {
-  int64_t bs, nb, npp, ngroups, per_c, items;  // block length, blocks per plane, planes per item
-  PlaneItems(const Geo& g) {
+  // channels, block length, blocks per plane, planes per item, sample groups, items in all
+  int64_t C, bs, nb, npp, ngroups, items;
+  PlaneItems(const Geo& g) : C(g.C) {
     bs = std::min(kBlock, g.L);
     nb = (g.L + bs - 1) / bs;
     npp = nb == 1 ? std::max<int64_t>(1, kBlock / g.L) : 1;
     ngroups = (g.outer + npp - 1) / npp;
-    per_c = ngroups * nb;
-    items = g.C * per_c;
+    items = ngroups * C * nb;
   }
-  // The item of sample group gi, channel c, block b.
-  int64_t index(int64_t gi, int64_t c, int64_t b, int64_t C) const { return (gi * C + c) * nb + b; }
   int64_t grain() const { return std::max<int64_t>(1, kGrain / (npp * bs)); }
+  // f(item) for each item of channel c, sample group by sample group: the merge order.
+  template <typename F>
+  void each_of_channel(int64_t c, F&& f) const {
+    for (int64_t gi = 0; gi < ngroups; ++gi)
+      for (int64_t b = 0; b < nb; ++b) f((gi * C + c) * nb + b);
+  }
   // Item → channel c, samples [n0, n1), values [lo, hi) of each plane.
   void decode(int64_t it, const Geo& g, int64_t& c, int64_t& n0, int64_t& n1, int64_t& lo,
               int64_t& hi) const {
-    const int64_t b = it % nb, q = it / nb, gi = q / g.C;
-    c = q - gi * g.C;
+    const int64_t b = it % nb, q = it / nb, gi = q / C;
+    c = q - gi * C;
     n0 = gi * npp;
     n1 = std::min(n0 + npp, g.outer);
     lo = b * bs;
@@ -322,20 +326,16 @@ void planes_stats(const scalar_t* x, const Geo& g, double* mean, double* var) {
   });
   for (int64_t c = 0; c < C; ++c) {  // merge (a few thousand float64 adds: one thread)
     double s = 0, tot = 0;
-    for (int64_t gi = 0; gi < pi.ngroups; ++gi)
-      for (int64_t b = 0; b < pi.nb; ++b) {
-        const int64_t i = pi.index(gi, c, b, C);
-        s += pmean[i] * pcnt[i];
-        tot += pcnt[i];
-      }
+    pi.each_of_channel(c, [&](int64_t i) {
+      s += pmean[i] * pcnt[i];
+      tot += pcnt[i];
+    });
     const double mu = s / tot;  // μ_B = 1/m Σ x_i
     double m2 = 0;
-    for (int64_t gi = 0; gi < pi.ngroups; ++gi)
-      for (int64_t b = 0; b < pi.nb; ++b) {
-        const int64_t i = pi.index(gi, c, b, C);
-        const double d = pmean[i] - mu;
-        m2 += pm2[i] + pcnt[i] * d * d;  // Chan: Σ M2_b + Σ n_b (μ_b − μ)²
-      }
+    pi.each_of_channel(c, [&](int64_t i) {
+      const double d = pmean[i] - mu;
+      m2 += pm2[i] + pcnt[i] * d * d;  // Chan: Σ M2_b + Σ n_b (μ_b − μ)²
+    });
     mean[c] = mu;
     var[c] = m2 / tot;  // σ²_B, biased
   }
@@ -616,13 +616,11 @@ void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
   });
   for (int64_t c = 0; c < C; ++c) {
     double a1 = 0, a2 = 0, a3 = 0;
-    for (int64_t gi = 0; gi < pi.ngroups; ++gi)
-      for (int64_t b = 0; b < pi.nb; ++b) {
-        const int64_t i = pi.index(gi, c, b, C);
-        a1 += p1[i];
-        a2 += p2[i];
-        a3 += p3[i];
-      }
+    pi.each_of_channel(c, [&](int64_t i) {
+      a1 += p1[i];
+      a2 += p2[i];
+      a3 += p3[i];
+    });
     s1[c] = a1;
     s2[c] = a2;
     s3[c] = a3;
