@@ -85,7 +85,7 @@ class _BatchNormAct(BatchNormBase):
         if not self._uses_batch_stats():  # inference: one fused scale-shift-activation pass
             return library.eval_forward(x, rm, rv, w, b, self.eps, act, slope)
 
-        save = library.SAVE_INPUT if act == 1 else 0  # 0: y when γ can be inverted (C++ checks)
+        save = library.SAVE_INPUT if act == 1 else library.SAVE_AUTO  # C++ checks γ
         y = library.train_eager(x, w, b, rm, rv, nbt, self.momentum, self.eps, act, slope, save)
         if y is not None:
             return y

@@ -27,6 +27,10 @@ from . import native, reference
 _BACKENDS = ("auto", "numba", "reference")
 _backend = os.environ.get("BATCHNORM_BACKEND", "auto")
 
+# What the fused op keeps for backward: x, or y when it can be inverted (see bn_act below).
+SAVE_INPUT, SAVE_OUTPUT = 1, 2  # == cpu.SAVED_X_ACT / cpu.SAVED_Y
+SAVE_AUTO = 0  # train_eager only: the C++ op keeps y when γ can be inverted, else x
+
 
 def set_backend(name: str) -> str:
     """Select ``"auto"`` (C++, else numba kernels where they apply), ``"numba"`` or ``"reference"``;
@@ -175,13 +179,14 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 def train_eager(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
     running_var: Tensor | None, num_batches_tracked: Tensor | None, momentum: float | None,
-    eps: float, act: int = 0, slope: float = 0.0, save: int = 1,
+    eps: float, act: int = 0, slope: float = 0.0, save: int = SAVE_INPUT,
 ) -> Tensor | None:
     """The whole training step in one C++ call (``native.train``): y, with the running statistics
     and ``num_batches_tracked`` updated as :func:`functional.batch_norm` does. None when that path
     does not apply (another backend, tracing, tensor subclasses, other devices or layouts, or no
     C++ kernels): the caller then takes the general path. Inputs must already be checked.
-    ``save``: 1 keeps x for backward, 2 keeps y, 0 keeps y when γ and the activation allow it."""
+    ``save``: SAVE_INPUT keeps x for backward, SAVE_OUTPUT keeps y, SAVE_AUTO keeps y when γ and
+    the activation allow it."""
     if _backend != "auto" or torch.compiler.is_compiling():
         return None
     ext = native.load()  # cached after the first call
@@ -253,7 +258,6 @@ def eval_forward(
 # activation and the affine map can be inverted (leaky ReLU / identity, |γ| not tiny: in-place
 # activated BN, Rota Bulò et al. 2018), else the input x (ReLU: y = 0 hides x̂, which dL/dx needs).
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}  # == cpu.ACT_NONE / ACT_RELU / ACT_LEAKY
-SAVE_INPUT, SAVE_OUTPUT = 1, 2  # == cpu.SAVED_X_ACT / cpu.SAVED_Y
 
 
 def _act_torch(z: Tensor, act: int, slope: float) -> Tensor:

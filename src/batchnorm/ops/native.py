@@ -8,9 +8,10 @@ When it cannot be built the package says why once (a ``RuntimeWarning``) and use
 kernels (``ops/cpu.py``); ``BATCHNORM_NATIVE=0`` skips the build altogether.
 
 The module exposes the same entry points as ``ops/cpu.py`` (``supports``, ``forward``,
-``forward_act``, ``backward``, ``backward_act``, ``eval_forward``) plus :func:`train`, the whole
-eager training step (statistics, normalization, running-statistics update and the autograd node)
-in one C++ call, which is what makes small batches cheap (docs/performance.md).
+``forward_act``, ``backward``, ``backward_act``, ``eval_forward``). The extension's own ``train``
+is the whole eager training step (statistics, normalization, running-statistics update, the
+``num_batches_tracked`` count and the autograd node) in one C++ call, which is what makes small
+batches cheap (docs/performance.md); it is called through ``library.train_eager``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ LDFLAGS = ["-fopenmp"]  # libgomp.so.1: the same OpenMP runtime (and thread pool
 
 ACT_NONE, ACT_RELU, ACT_LEAKY = 0, 1, 2
 SAVED_X, SAVED_X_ACT, SAVED_Y = 0, 1, 2
-SAVE_AUTO, SAVE_INPUT, SAVE_OUTPUT = 0, 1, 2
 
 _ext: ModuleType | None | bool = False  # False: not tried yet; None: unavailable
 
@@ -107,18 +107,6 @@ def load(verbose: bool = False) -> ModuleType | None:
 def supports(x: Tensor) -> bool:
     """float32/float64/bfloat16 CPU tensors of rank 2–5, contiguous or channels_last, non-empty."""
     return _ext.supports(x)
-
-
-def train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-    running_var: Tensor | None, eps: float, factor: float, act: int = ACT_NONE,
-    slope: float = 0.0, save: int = SAVE_INPUT,
-) -> Tensor:
-    """One eager training step of BN (+ activation): y, with the running statistics (if given)
-    moved by ``factor`` toward μ_B and the unbiased m/(m−1)·σ²_B; differentiable in x, γ, β.
-    ``save``: SAVE_INPUT keeps x for backward, SAVE_OUTPUT keeps y, SAVE_AUTO keeps y when the
-    activation and γ can be inverted (layers/act.py) and x otherwise."""
-    return _ext.train(x, weight, bias, running_mean, running_var, eps, factor, act, slope, save)
 
 
 def forward_act(
