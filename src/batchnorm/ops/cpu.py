@@ -310,28 +310,39 @@ def _planes_sum(p1, p2, p3, n_, c_, nb, s1, s2, s3):
         s3[c] = t3
 
 
+@njit(inline="always")
+def _dx_plane(gr, sr, out, mode, m, aa, b0, sl, isl, A, B, K):
+    """dL/dx over one plane of one channel (the parallel and the serial kernels share it)."""
+    if mode == SAVED_X:
+        for i in range(sr.shape[0]):
+            out[i] = A * gr[i] + B * (sr[i] - m) + K  # dL/dx_i, Section 3 collapsed
+    else:
+        for i in range(sr.shape[0]):
+            g, u = _dz_u(mode, gr[i], sr[i], m, aa, b0, sl, isl)
+            out[i] = A * g + B * u + K
+
+
+@njit(inline="always")
+def _dx_row(gr, sr, out, mode, mhi, a, bb, sl, isl, ka, kb, kc):
+    """dL/dx over one row of C channels (the parallel and the serial kernels share it)."""
+    if mode == SAVED_X:
+        for c in range(sr.shape[0]):
+            out[c] = ka[c] * gr[c] + kb[c] * (sr[c] - mhi[c]) + kc[c]
+    else:
+        for c in range(sr.shape[0]):
+            g, u = _dz_u(mode, gr[c], sr[c], mhi[c], a[c], bb[c], sl, isl)
+            out[c] = ka[c] * g + kb[c] * u + kc[c]
+
+
 @njit(**_PAR)
 def _planes_bwd_dx(dy, s, dx, mode, mhi, a, bb, slope, ka, kb, kc):
     n_, c_, l_ = s.shape
+    sl, isl = _slopes(s, slope)
     for p in prange(n_ * c_):
         n = p // c_
         c = p - n * c_
-        sr = s[n, c]
-        gr = dy[n, c]
-        out = dx[n, c]
-        m = mhi[c]
-        A = ka[c]
-        B = kb[c]
-        K = kc[c]
-        if mode == SAVED_X:
-            for i in range(l_):
-                out[i] = A * gr[i] + B * (sr[i] - m) + K  # dL/dx_i, Section 3 collapsed
-        else:
-            aa, b0 = a[c], bb[c]
-            sl, isl = _slopes(s, slope)
-            for i in range(l_):
-                g, u = _dz_u(mode, gr[i], sr[i], m, aa, b0, sl, isl)
-                out[i] = A * g + B * u + K
+        _dx_plane(dy[n, c], s[n, c], dx[n, c], mode, mhi[c], a[c], bb[c], sl, isl,
+                  ka[c], kb[c], kc[c])
 
 
 @njit(**_RED)
@@ -411,16 +422,7 @@ def _rows_bwd_dx(dy, s, dx, mode, mhi, a, bb, slope, ka, kb, kc, nchunk):
         r0 = k * r_ // nchunk
         r1 = (k + 1) * r_ // nchunk
         for r in range(r0, r1):
-            sr = s[r]
-            gr = dy[r]
-            out = dx[r]
-            if mode == SAVED_X:
-                for c in range(c_):
-                    out[c] = ka[c] * gr[c] + kb[c] * (sr[c] - mhi[c]) + kc[c]
-            else:
-                for c in range(c_):
-                    g, u = _dz_u(mode, gr[c], sr[c], mhi[c], a[c], bb[c], sl, isl)
-                    out[c] = ka[c] * g + kb[c] * u + kc[c]
+            _dx_row(dy[r], s[r], dx[r], mode, mhi, a, bb, sl, isl, ka, kb, kc)
 
 
 @njit(**_SER)
@@ -602,35 +604,14 @@ def _bwd_dx_impl(dy, sv, dx, mode, mhi, a, bb, sl, isl, ka, kb, kc):
     if sv.ndim == 2:
         def rows(dy, sv, dx, mode, mhi, a, bb, sl, isl, ka, kb, kc):
             for o in range(sv.shape[0]):
-                gr = dy[o]
-                sr = sv[o]
-                out = dx[o]
-                if mode == SAVED_X:
-                    for c in range(sr.shape[0]):
-                        out[c] = ka[c] * gr[c] + kb[c] * (sr[c] - mhi[c]) + kc[c]
-                else:
-                    for c in range(sr.shape[0]):
-                        g, u = _dz_u(mode, gr[c], sr[c], mhi[c], a[c], bb[c], sl, isl)
-                        out[c] = ka[c] * g + kb[c] * u + kc[c]
+                _dx_row(dy[o], sv[o], dx[o], mode, mhi, a, bb, sl, isl, ka, kb, kc)
         return rows
 
     def planes(dy, sv, dx, mode, mhi, a, bb, sl, isl, ka, kb, kc):
         for o in range(sv.shape[0]):
             for c in range(sv.shape[1]):
-                gr = dy[o, c]
-                sr = sv[o, c]
-                out = dx[o, c]
-                m = mhi[c]
-                A = ka[c]
-                Bc = kb[c]
-                K = kc[c]
-                if mode == SAVED_X:
-                    for i in range(sr.shape[0]):
-                        out[i] = A * gr[i] + Bc * (sr[i] - m) + K
-                else:
-                    for i in range(sr.shape[0]):
-                        g, u = _dz_u(mode, gr[i], sr[i], m, a[c], bb[c], sl, isl)
-                        out[i] = A * g + Bc * u + K
+                _dx_plane(dy[o, c], sv[o, c], dx[o, c], mode, mhi[c], a[c], bb[c], sl, isl,
+                          ka[c], kb[c], kc[c])
     return planes
 
 
