@@ -6,6 +6,8 @@ an optimizer built before the conversion keeps working and no values change.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..layers import (
@@ -26,11 +28,12 @@ _TO_OURS: dict[type[nn.Module], type[BatchNormBase]] = {
 _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_OURS.items()}
 
 
-def _copy_layer(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
-    """A ``new_cls`` layer holding ``old``'s very parameters, buffers and mode."""
+def _copy_layer(old: nn.Module, new_cls: type[nn.Module], **extra: Any) -> nn.Module:
+    """A ``new_cls`` layer holding ``old``'s very parameters, buffers and mode (``extra``: the
+    arguments ``new_cls`` has beyond torch's BN arguments)."""
     new = new_cls(
         old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
-        track_running_stats=old.track_running_stats, device="meta",
+        track_running_stats=old.track_running_stats, device="meta", **extra,
     )
     return share_state(old, new)
 
@@ -105,11 +108,7 @@ def fuse_bn_act(module: nn.Module) -> nn.Module:
             spec = _activation_of(act) if act is not None else None
             if fused_cls is None or spec is None or _has_hooks(bn) or _has_hooks(act):
                 continue
-            fused = fused_cls(
-                bn.num_features, activation=spec[0], negative_slope=spec[1], eps=bn.eps,
-                momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats,
-                device="meta",
-            )
-            seq._modules[name] = share_state(bn, fused)
+            seq._modules[name] = _copy_layer(bn, fused_cls, activation=spec[0],
+                                             negative_slope=spec[1])
             seq._modules[nxt] = nn.Identity()
     return module
