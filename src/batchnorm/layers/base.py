@@ -189,11 +189,9 @@ class BatchNormBase(nn.Module):
         self.check_input(x)
         rm, rv, nbt = self._running_buffers()
         w, b = self._params()
-        if self._uses_batch_stats():  # one C++ call on CPU when it applies (ops/library.py)
+        batch = self._uses_batch_stats()
+        if batch:  # one C++ call on CPU when it applies (ops/library.py)
             y = library.train_eager(x, w, b, rm, rv, nbt, self.momentum, self.eps)
             if y is not None:
                 return y
-        return BF.batch_norm(
-            x, rm, rv, w, b, self._uses_batch_stats(), self.momentum, self.eps,
-            num_batches_tracked=nbt,
-        )
+        return BF.batch_norm(x, rm, rv, w, b, batch, self.momentum, self.eps, num_batches_tracked=nbt)
