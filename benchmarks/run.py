@@ -30,7 +30,7 @@ from batchnorm.ops import buffers
 SHAPES = [(64, 64, 56, 56), (256, 256, 14, 14), (128, 32, 28, 28), (60, 100), (1024, 4096)]
 WARM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 # Memory passes over one activation (reads + writes) of the minimal algorithm:
-PASSES = {"fwd": 3, "fwd+bwd": 8, "fwd+bwd, no cache": 8, "fwd+bwd, numba": 8, "bn+relu fwd+bwd": 8}
+PASSES = {"fwd": 3, "fwd+bwd": 8, "fwd+bwd, no cache": 8, "bn+relu fwd+bwd": 8}
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:
@@ -109,7 +109,6 @@ def bench_shape(shape, repeats: int, bw: float) -> list[dict]:
         "fwd": (lambda: _nograd(tbn, x), lambda: _nograd(obn, x)),
         "fwd+bwd": (step(tbn), step(obn)),
         "fwd+bwd, no cache": (step(tbn), uncached(step(obn))),
-        "fwd+bwd, numba": (step(tbn), numba(step(obn))),
         "bn+relu fwd+bwd": (step(lambda t: relu(tbn(t))), step(oact)),
     }
     rows = []
@@ -124,17 +123,6 @@ def bench_shape(shape, repeats: int, bw: float) -> list[dict]:
             row["saved_torch"], row["saved_ours"] = saved_bytes(fn_t, x), saved_bytes(fn_o, x)
         rows.append(row)
     return rows
-
-
-def numba(f):
-    """f on the numba kernels (ops/cpu.py) instead of the C++ ones: the two measured side by side."""
-    def run():
-        old = B.set_backend("numba")
-        try:
-            return f()
-        finally:
-            B.set_backend(old)
-    return run
 
 
 def _nograd(m, x):
@@ -185,17 +173,14 @@ def bench_lenet(repeats: int) -> dict[str, tuple[float, float, float, float, flo
     torch.manual_seed(0)
     x, y = torch.rand(128, 1, 28, 28), torch.randint(0, 10, (128,))
     steps = {}
-    for bn in ("none", "torch", "ours", "ours fused", "ours (numba)"):
-        model = LeNet(bn.removesuffix(" (numba)"))
+    for bn in ("none", "torch", "ours", "ours fused"):
+        model = LeNet(bn)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-
-        if bn.endswith("(numba)"):
-            step = numba(step)
 
         for _ in range(5):
             step()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import batchnorm as B
-from batchnorm.ops import library
+from batchnorm.ops import native, op
 
 ACTS = {
     "relu": lambda s: nn.ReLU(),
@@ -109,25 +109,20 @@ def test_leaky_saves_output_and_small_gamma_falls_back_to_input_exactly():
     assert ours.weight.grad[1].abs() > 1e-3  # γ = 0 still receives Σ dz·x̂, so it can grow
 
 
-@pytest.mark.parametrize("act,save", [(0, 2), (1, 1), (2, 2), (2, 1), (0, 1)])
-@pytest.mark.parametrize("backend", ["auto", "numba", "reference"])
-@pytest.mark.parametrize("entry", ["op", "eager"])
-def test_op_gradcheck_float64(act, save, backend, entry):
-    """Both entries: the torch.library op (tracing) and the eager autograd.Function (layers)."""
-    old = library.set_backend(backend)
-    try:
-        x = torch.randn(3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
-        w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
-        b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("act,save", [(0, op.SAVE_AUTO), (1, op.SAVE_INPUT), (2, op.SAVE_AUTO),
+                                      (2, op.SAVE_INPUT), (0, op.SAVE_INPUT)])
+def test_op_gradcheck_and_gradgradcheck_float64(act, save):
+    """The registered op, first and second order, for every activation and saved tensor (x or y)."""
+    assert native.load() is not None
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
 
-        fn = library.bn_act if entry == "op" else library.bn_act_train
+    def f(x, w, b):
+        return native.op(x, w, b, None, None, None, True, 0.1, 1e-5, act, 0.3, save)[0]
 
-        def f(x, w, b):
-            return fn(x, w, b, 1e-5, act, 0.3, save)[0]
-
-        assert torch.autograd.gradcheck(f, (x, w, b))
-    finally:
-        library.set_backend(old)
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
 def test_bfloat16_close_to_float32():

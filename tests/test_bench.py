@@ -45,8 +45,8 @@ def test_saved_bytes_counts_what_autograd_keeps(bench):
 def test_quick_run_prints_every_table_row(bench, capsys):
     bench.main(["--quick", "--no-warm", "--shapes", "3", "--repeats", "1"])
     out = capsys.readouterr().out
-    for case in ("fwd", "fwd+bwd", "fwd+bwd, no cache", "fwd+bwd, numba", "bn+relu fwd+bwd"):
+    for case in ("fwd", "fwd+bwd", "fwd+bwd, no cache", "bn+relu fwd+bwd"):
         assert f"| (60, 100) | {case} |" in out
-    for variant in ("none", "torch", "ours", "ours fused", "ours (numba)"):
+    for variant in ("none", "torch", "ours", "ours fused"):
         assert f"\n| {variant} | " in out
     assert "default allocator" in out and "eight-pass bound" not in out  # --no-warm: no child

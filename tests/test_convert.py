@@ -141,7 +141,8 @@ def test_fuse_bn_act_fuses_sequential_pairs_with_the_same_values_and_state_keys(
     for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers(), strict=True):
         torch.testing.assert_close(a, b, msg=n)
     for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, msg=n)
+        # float32 sums over 216-value channels in another order: ~1e-6 relative, as measured
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-4, msg=n)
     model.eval()
     ref.eval()
     torch.testing.assert_close(model(x), ref(x))

@@ -1,7 +1,9 @@
 """batchnorm: Batch Normalization (Ioffe & Szegedy, 2015) for PyTorch.
 
-The op (Algorithm 1 with the paper's hand-written backward, registered with ``torch.library``),
-drop-in layers for ``torch.nn.BatchNorm1d/2d/3d``, and whole-model tools.
+Drop-in layers for ``torch.nn.BatchNorm1d/2d/3d`` (subclasses of them) with fast C++ CPU
+kernels behind one registered op (``torch.ops.batchnorm.batch_norm``, used only where it
+computes what PyTorch's kernel computes), fused BN + activation, BN variants, and whole-model
+tools.
 """
 
 from . import diagnostics, functional
@@ -16,8 +18,12 @@ from .layers import (
     BatchRenorm2d,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
     SyncBatchNorm,
     convert_sync_batchnorm,
 )
@@ -50,3 +56,4 @@ __all__ += [
 ]
 __all__ += ["diagnostics"]
 __all__ += ["BatchNormAct1d", "BatchNormAct2d", "fuse_bn_act"]
+__all__ += ["FrozenBatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]

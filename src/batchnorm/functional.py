@@ -21,9 +21,11 @@ import numbers
 import torch
 from torch import Tensor
 
-from .ops import library, reference
+from .ops import op, reference
 
 __all__ = [
+    "BatchNormInputError",
+    "BatchNormTypeError",
     "batch_norm",
     "check_input",
     "decay_from_momentum",
@@ -31,6 +33,17 @@ __all__ = [
     "momentum_from_decay",
     "update_running_stats",
 ]
+
+
+class BatchNormInputError(ValueError, RuntimeError):
+    """Input a BN layer cannot normalize (rank, channel count, one value per channel, shapes of
+    γ, β and the running statistics). Both a ValueError and a RuntimeError: torch.nn raises one or
+    the other for the same misuse, so ``except`` clauses written for torch.nn keep working."""
+
+
+class BatchNormTypeError(TypeError, RuntimeError):
+    """Input of a type a BN layer cannot normalize (not a tensor, not floating point). Both a
+    TypeError and the RuntimeError torch raises for an integer input."""
 
 
 def momentum_from_decay(decay: float) -> float:
@@ -67,31 +80,32 @@ def check_input(
     x: Tensor, num_features: int | None = None, dims: tuple[int, ...] | None = None,
     training: bool = False, layer: str = "batch_norm",
 ) -> None:
-    """Raise a clear TypeError/ValueError for input a BN layer cannot normalize."""
+    """Raise a clear :class:`BatchNormTypeError` / :class:`BatchNormInputError` for input a BN
+    layer cannot normalize."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{layer}: expected a torch.Tensor, got {type(x).__name__}")
+        raise BatchNormTypeError(f"{layer}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(
+        raise BatchNormTypeError(
             f"{layer}: expected a floating-point tensor, got dtype {x.dtype}; "
             f"convert it first, e.g. x.float()"
         )
     if dims is not None and x.dim() not in dims:
         want = " or ".join(f"{d}-D" for d in dims)
-        raise ValueError(
+        raise BatchNormInputError(
             f"{layer}: expected {want} input, got {x.dim()}-D input of shape {tuple(x.shape)}"
         )
     if x.dim() < 2:
-        raise ValueError(
+        raise BatchNormInputError(
             f"{layer}: expected input of shape (N, C, ...), got shape {tuple(x.shape)}; "
             f"add a batch axis with x.unsqueeze(0)"
         )
     if num_features is not None and x.shape[1] != num_features:
-        raise ValueError(
+        raise BatchNormInputError(
             f"{layer}: expected {num_features} channels (axis 1), got {x.shape[1]} in input of "
             f"shape {tuple(x.shape)}; set num_features={x.shape[1]} or fix the layer before"
         )
-    if training and reference.values_per_channel(x) < 2:
-        raise ValueError(
+    if training and reference.values_per_channel(x) == 1:
+        raise BatchNormInputError(
             f"{layer}: training needs more than 1 value per channel to compute a variance, got "
             f"input of shape {tuple(x.shape)}; use a batch of at least 2, or call .eval() to use "
             f"the running statistics"
@@ -100,8 +114,19 @@ def check_input(
 
 def _check_param(name: str, t: Tensor | None, c: int) -> None:
     if t is not None and (t.dim() != 1 or t.shape[0] != c):
-        raise ValueError(
+        raise BatchNormInputError(
             f"{name} must have shape ({c},) to match the input's {c} channels, got {tuple(t.shape)}"
+        )
+
+
+def check_counter(num_batches_tracked: Tensor) -> None:
+    """The cumulative average (momentum=None) weighs the t-th batch by 1/t: a negative counter
+    would make that weight negative or infinite, and the running statistics with it."""
+    if int(num_batches_tracked) < 0:
+        raise BatchNormInputError(
+            f"num_batches_tracked is {int(num_batches_tracked)}, but momentum=None (cumulative "
+            f"average) counts batches from 0; reset it with layer.reset_running_stats() or "
+            f"num_batches_tracked.zero_()"
         )
 
 
@@ -123,10 +148,6 @@ def update_running_stats(
     factor: float,
 ) -> None:
     """EMA step with the unbiased batch variance m/(m−1)·σ²_B (in place, no autograd)."""
-    fast = library.get_backend() == "auto" and not torch.compiler.is_compiling()
-    cpu = library.cpu_kernels() if fast else None
-    if cpu is not None and cpu.update_running_stats(running_mean, running_var, mean, var, m, factor):
-        return  # one compiled call instead of four torch ops (small batches: most of the cost)
     with torch.no_grad():
         unbiased = var * (m / (m - 1))
         running_mean.lerp_(mean.to(running_mean.dtype), factor)
@@ -152,6 +173,9 @@ def batch_norm(
     ``momentum=None`` averages cumulatively and requires ``num_batches_tracked`` (incremented here
     in training, as the layers do).
     """
+    if isinstance(input, torch.fx.Proxy):  # torch.fx tracing: record torch's op
+        return op.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps, num_batches_tracked)
     check_hyperparameters(eps, momentum)
     check_input(input, training=training)
     c = input.shape[1]
@@ -160,28 +184,21 @@ def batch_norm(
     _check_param("running_mean", running_mean, c)
     _check_param("running_var", running_var, c)
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
+        raise BatchNormInputError(
+            "running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
-        raise ValueError(
+        raise BatchNormInputError(
             "batch_norm in eval mode (training=False) needs running_mean and running_var; "
             "pass them, or use training=True to normalize with batch statistics"
         )
     if training and running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        raise BatchNormInputError("momentum=None (cumulative average) needs num_batches_tracked")
+    if training and running_mean is not None and momentum is None:
+        check_counter(num_batches_tracked)
 
-    if not training:  # one compiled pass on CPU when no gradient is needed (ops/library.py)
-        return library.eval_forward(input, running_mean, running_var, weight, bias, eps)
-
-    y = library.train_eager(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
-    )
-    if y is not None:  # the whole step in one C++ call
+    y = op.fast_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                           eps, num_batches_tracked)
+    if y is not None:
         return y
-    y, mean, var = library.batch_norm_train(input, weight, bias, float(eps))
-    if running_mean is not None:
-        factor = ema_factor(momentum, num_batches_tracked)
-        update_running_stats(
-            running_mean, running_var, mean.detach(), var.detach(),
-            reference.values_per_channel(input), factor,
-        )
-    return y
+    return op.torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                               eps, num_batches_tracked)

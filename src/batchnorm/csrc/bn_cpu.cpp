@@ -1,29 +1,38 @@
 // Batch normalization on CPU in C++: the training forward (Algorithm 1), its backward (Section 3),
-// the inference forward (Algorithm 2), each with an optional fused activation, and the eager
-// training op as a C++ autograd Function.
+// the inference forward (Algorithm 2), each with an optional fused activation, behind one op,
+// batchnorm::batch_norm (registered with TORCH_LIBRARY at the end of this file, its autograd node
+// TrainFn just above it).
 //
-// Why C++ next to the numba kernels (ops/cpu.py): the same algorithms, but
-//   * the parallel loops run on PyTorch's own OpenMP pool (at::parallel_for), so a BN after a
-//     conv does not wake a second pool that competes with torch's spinning threads for the cores;
-//   * one call from Python does the whole training step: checks of γ, statistics, normalization,
-//     the running-statistics update and the autograd node, with no numpy/torch crossings. On a
-//     (60, 100) batch that per-call overhead is most of the cost;
+// Why these kernels are faster than torch.nn's on CPU:
+//   * memory passes: the training forward reads x once for the statistics and once more to write
+//     y; the backward reads (dy, x) once for the per-channel sums Σdy and Σdy·(x − μ) and once more
+//     to write dx: eight passes over an activation in all (docs/performance.md);
+//   * the parallel loops run on PyTorch's own OpenMP pool (at::parallel_for);
+//   * one call does the whole training step: statistics, normalization (+ activation), the
+//     running-statistics update and the autograd node. On a (60, 100) batch that per-call
+//     overhead is most of the cost;
 //   * bfloat16 is read and written directly (float32 arithmetic), with no conversion passes.
 //
 // Built by ops/native.py with torch.utils.cpp_extension on first use, cached on disk.
 //
-// Numerics (the same as ops/cpu.py, whose module docstring explains them):
-//   * statistics per block (≤ 4096 values of one plane, or ≤ 256 rows) from sums of d = x − x_first,
-//     merged in float64 with Chan et al.'s formula: M2 = Σ M2_b + Σ n_b (μ_b − μ)²;
+// Numerics:
+//   * statistics per block (≤ 4096 values of one plane, or ≤ 256 rows) from sums of d = x − x_first
+//     (exact for clustered data, so Σd² − (Σd)²/n cancels at most the block's own offset, never
+//     μ²), merged in float64 with Chan et al.'s formula: M2 = Σ M2_b + Σ n_b (μ_b − μ)²;
 //   * μ is applied as a pair μ_hi (the compute type) + μ_lo: y = (x − μ_hi)·a + (β − μ_lo·a),
 //     a = γ / sqrt(σ²_B + ε), so x − μ_hi is exact for data far from zero;
 //   * tensors under 2^16 values take one thread and float64 accumulators.
 // Float reductions vectorize with `omp simd reduction`; nothing is compiled with -ffast-math, so
-// NaN and inf propagate as in the reference.
+// NaN and inf propagate as in torch.
+//
+// Layouts: a contiguous (N, C, *S) tensor is viewed as planes (N, C, L); a channels_last one (and
+// an (N, C) one) as rows (R, C) with the channels contiguous.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cmath>
@@ -41,7 +50,7 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Activation / saved-tensor codes: the same values as ops/cpu.py and ops/library.py.
+// Activation / saved-tensor codes: the same values as ops/op.py.
 constexpr int ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2;
 constexpr int SAVED_X = 0, SAVED_X_ACT = 1, SAVED_Y = 2;  // backward reads x, x through act, y
 constexpr int SAVE_AUTO = 0, SAVE_INPUT = 1, SAVE_OUTPUT = 2;
@@ -98,9 +107,12 @@ int64_t row_chunks(int64_t R, int64_t C) {
 
 // ------------------------------------------------------------------ output-buffer cache
 // Outputs of ≥ 1 MiB come from freed buffers of the same byte size: glibc serves such blocks with
-// a fresh mmap that page-faults on first write (ops/buffers.py explains; this is its C++ twin).
+// a fresh mmap that page-faults on first write: about 20 ms for a 51 MB activation on a 2-core
+// machine, several times the kernels' own time (ops/buffers.py has the controls; torch has no CPU
+// caching allocator).
 // A buffer goes back to the cache from the deleter of the tensor storage that owned it, so it is
-// never handed out while any view of the old tensor is alive.
+// never handed out while any view of the old tensor is alive. Outputs are ordinary tensors (their
+// own storage, not views), so in-place ops, views and resize_ work on them as on torch.empty's.
 constexpr size_t kMinBytes = size_t(1) << 20;
 constexpr size_t kAlign = 64;
 
@@ -131,6 +143,17 @@ void give_back(void* p, size_t n) {
   std::free(p);
 }
 
+struct Block {
+  void* p;
+  size_t n;
+};
+
+void release_block(void* ctx) {
+  const Block* blk = static_cast<Block*>(ctx);
+  give_back(blk->p, blk->n);
+  delete blk;
+}
+
 Tensor empty_like_cached(const Tensor& x) {
   const size_t n = size_t(x.numel()) * x.element_size();
   Cache& c = cache();
@@ -152,7 +175,12 @@ Tensor empty_like_cached(const Tensor& x) {
     p = std::aligned_alloc(kAlign, (n + kAlign - 1) / kAlign * kAlign);
     if (p == nullptr) throw std::bad_alloc();
   }
-  return at::from_blob(p, x.sizes(), x.strides(), [n](void* q) { give_back(q, n); }, x.options());
+  // A resizable storage with torch's CPU allocator, as torch.empty's: y.resize_(bigger) moves the
+  // data to a fresh allocation, and the old block comes back here through its deleter.
+  c10::DataPtr data(p, new Block{p, n}, &release_block, c10::Device(c10::kCPU));
+  c10::Storage storage(c10::Storage::use_byte_size_t(), n, std::move(data), c10::GetCPUAllocator(),
+                       /*resizable=*/true);
+  return at::empty({0}, x.options()).set_(storage, 0, x.sizes(), x.strides());
 }
 
 int64_t cache_set_limit(int64_t nbytes) {
@@ -522,13 +550,6 @@ std::tuple<Tensor, Tensor, Tensor> forward_act_v(const Tensor& x, const std::vec
   return {y, mean, var};
 }
 
-std::tuple<Tensor, Tensor, Tensor> forward_act(const Tensor& x, const Tensor& w, const Tensor& b,
-                                               double eps, int64_t act, double slope) {
-  TORCH_CHECK_VALUE(x.dim() >= 2, "x must have shape (N, C, ...), got ", x.sizes());
-  const int64_t C = x.size(1);
-  return forward_act_v(x, as_f64(w, C, 1.0), as_f64(b, C, 0.0), eps, act, slope);
-}
-
 // Inference: y = act((x − E[x])·γ/sqrt(Var[x] + ε) + β), one pass (Algorithm 2).
 Tensor eval_forward(const Tensor& x, const Tensor& rm, const Tensor& rv, const Tensor& w,
                     const Tensor& b, double eps, int64_t act, double slope) {
@@ -856,28 +877,30 @@ void ema_raw(T* rm, T* rv, const double* mean, const double* var, int64_t C, dou
   }
 }
 
-void update_running(Tensor& rm, Tensor& rv, const Tensor& mean, const Tensor& var, int64_t m,
-                    double factor) {
+void update_running(const Tensor& rm, const Tensor& rv, const Tensor& mean, const Tensor& var,
+                    int64_t m, double factor) {
   const double corr = double(m) / double(m - 1);
   const double* mp = mean.const_data_ptr<double>();
   const double* vp = var.const_data_ptr<double>();
   const int64_t C = mean.numel();
   const auto dt = rm.scalar_type();
-  const bool raw = rm.device().is_cpu() && rv.device().is_cpu() && rm.is_contiguous() &&
-                   rv.is_contiguous() && rv.scalar_type() == dt &&
+  const bool raw = rm.is_contiguous() && rv.is_contiguous() && rv.scalar_type() == dt &&
                    (dt == at::kFloat || dt == at::kDouble);
   if (raw && dt == at::kFloat) {
     ema_raw(rm.mutable_data_ptr<float>(), rv.mutable_data_ptr<float>(), mp, vp, C, factor, corr);
   } else if (raw) {
     ema_raw(rm.mutable_data_ptr<double>(), rv.mutable_data_ptr<double>(), mp, vp, C, factor, corr);
-  } else {  // other dtypes, devices or strides: torch ops
+  } else {  // other dtypes or strides: torch ops
     at::NoGradGuard no_grad;
     rm.lerp_(mean.to(rm.options()), factor);
     rv.lerp_((var * corr).to(rv.options()), factor);
   }
+  // Written through raw pointers: tell autograd the buffers changed, as an in-place op would.
+  torch::autograd::impl::bump_version(rm);
+  torch::autograd::impl::bump_version(rv);
 }
 
-// ================================================================== the eager training op
+// ================================================================== the op's autograd
 // SAVE_OUTPUT (keep y, invert it in backward) is safe while every |γ_c| ≥ sqrt(ε_dtype)·max(1, |β_c|).
 bool gamma_invertible(const std::vector<double>& w, const std::vector<double>& b, double tol) {
   for (size_t c = 0; c < w.size(); ++c)
@@ -891,23 +914,84 @@ double dtype_eps(at::ScalarType dt) {
   return std::numeric_limits<float>::epsilon();
 }
 
+// A per-channel (C,) vector shaped to broadcast against x (N, C, *spatial).
+Tensor channel_view(const Tensor& v, const Tensor& x) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = v.numel();
+  return v.view(shape);
+}
+
+// The backward in differentiable ATen ops: used when the graph of the backward itself is
+// recorded (create_graph=True: gradient penalties, Hessian-vector products, gradgradcheck), or
+// when a gradient arrives for the statistics outputs. Every quantity is a function of tensors
+// that carry their history (the saved x or y, and the saved outputs μ_B and σ²_B), so autograd
+// differentiates it exactly, to any order. With σ_B = sqrt(σ²_B + ε), x̂ = (x − μ_B)/σ_B,
+// z = γ x̂ + β, y = act(z):
+//   dz = act'(z)·dy,  dβ = Σ dz,  dγ = Σ dz·x̂,
+//   dx = γ/σ_B·(dz − Σdz/m − x̂·Σ(dz·x̂)/m) + dL/dμ_B/m + dL/dσ²_B·2σ_B x̂/m
+// (∂μ_B/∂x_i = 1/m and ∂σ²_B/∂x_i = 2(x_i − μ_B)/m). From the saved y (SAVED_Y), x̂ is
+// (act⁻¹(y) − β)/γ: a function of y, whose own gradient is this node again.
+variable_list differentiable_backward(const Tensor& gy, const Tensor& gmean, const Tensor& gvar,
+                                      const Tensor& saved, const Tensor& w, const Tensor& b,
+                                      const Tensor& mean, const Tensor& var, double eps,
+                                      int64_t mode, double slope) {
+  const int64_t C = saved.size(1);
+  const double m = double(saved.numel() / C);
+  std::vector<int64_t> dims = {0};
+  for (int64_t d = 2; d < saved.dim(); ++d) dims.push_back(d);
+  const auto f64 = saved.options().dtype(at::kDouble);
+  const Tensor gamma = w.defined() ? w.to(at::kDouble) : at::ones({C}, f64);
+  const Tensor beta = b.defined() ? b.to(at::kDouble) : at::zeros({C}, f64);
+  const Tensor s = saved.to(at::kDouble);
+  const Tensor invstd = (var + eps).rsqrt();  // 1/σ_B
+  Tensor x_hat, dz;
+  if (mode == SAVED_Y) {
+    const Tensor neg = s < 0;
+    const Tensor z = slope == 1.0 ? s : at::where(neg, s / slope, s);  // act⁻¹(y)
+    x_hat = (z - channel_view(beta, s)) / channel_view(gamma, s);
+    if (gy.defined()) dz = slope == 1.0 ? gy.to(at::kDouble) : at::where(neg, gy * slope, gy).to(at::kDouble);
+  } else {
+    x_hat = (s - channel_view(mean, s)) * channel_view(invstd, s);
+    if (gy.defined()) {
+      dz = gy.to(at::kDouble);
+      if (mode == SAVED_X_ACT) {
+        const Tensor pos = channel_view(gamma, s) * x_hat + channel_view(beta, s) > 0;
+        dz = at::where(pos, dz, dz * slope);
+      }
+    }
+  }
+  Tensor dx = at::zeros_like(x_hat), dgamma, dbeta;
+  if (dz.defined()) {
+    dbeta = dz.sum(dims);
+    dgamma = (dz * x_hat).sum(dims);
+    dx = channel_view(gamma * invstd, s) *
+         (dz - channel_view(dbeta, s) / m - x_hat * channel_view(dgamma, s) / m);
+  }
+  if (gmean.defined()) dx = dx + channel_view(gmean.to(at::kDouble), s) / m;
+  if (gvar.defined()) dx = dx + channel_view(gvar.to(at::kDouble) * 2.0 / invstd, s) * x_hat / m;
+  return {dx.to(saved.scalar_type()),
+          dgamma.defined() && w.defined() ? dgamma.to(w.scalar_type()) : Tensor(),
+          dbeta.defined() && b.defined() ? dbeta.to(b.scalar_type()) : Tensor()};
+}
+
 // The running buffers travel as a plain struct, not as Tensor arguments: autograd then does not
 // treat them as inputs of the node (they take no gradient).
 struct Running {
   Tensor mean, var;
 };
 
+// Training BN (+ activation): outputs (y, μ_B, σ²_B biased), the statistics in float64.
 struct TrainFn : public torch::autograd::Function<TrainFn> {
   // act: ACT_*; save: SAVE_INPUT / SAVE_OUTPUT / SAVE_AUTO (output when γ allows, input for ReLU).
   // γ and β are optional: only the ones given are inputs (edges) of the autograd node.
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& w_,
-                        const std::optional<Tensor>& b_, Running run, double eps, double factor,
-                        int64_t act, double slope, int64_t save) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& w_,
+                               const std::optional<Tensor>& b_, Running run, double eps,
+                               double factor, int64_t act, double slope, int64_t save) {
     const Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());
     const int64_t C = x.size(1);
     const auto wv = as_f64(w, C, 1.0), bv = as_f64(b, C, 0.0);
     auto [y, mean, var] = forward_act_v(x, wv, bv, eps, act, slope);
-    if (run.mean.defined()) update_running(run.mean, run.var, mean, var, x.numel() / x.size(1), factor);
+    if (run.mean.defined()) update_running(run.mean, run.var, mean, var, x.numel() / C, factor);
     int64_t mode = SAVED_X;
     double bslope = 1.0;
     if (act != ACT_NONE || save != SAVE_INPUT) {
@@ -928,7 +1012,8 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["slope"] = bslope;
-    return y;
+    ctx->set_materialize_grads(false);
+    return {y, mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -941,11 +1026,22 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     const bool need_w = w.defined() && ctx->needs_input_grad(ew);
     const bool need_b = b.defined() && ctx->needs_input_grad(eb);
     variable_list out(9);  // one per forward argument: x, w, b, run, eps, factor, act, slope, save
-    if (!grads[0].defined() || !(need_x || need_w || need_b)) return out;
-    auto [dx, dgamma, dbeta] = backward_act(
-        grads[0], saved[0], saved[3], saved[4], w, b, ctx->saved_data["eps"].toDouble(),
-        ctx->saved_data["mode"].toInt(), ctx->saved_data["slope"].toDouble(),
-        w.defined() ? w.scalar_type() : at::kDouble, b.defined() ? b.scalar_type() : at::kDouble);
+    const Tensor &gy = grads[0], &gmean = grads[1], &gvar = grads[2];
+    if (!(need_x || need_w || need_b) || !(gy.defined() || gmean.defined() || gvar.defined()))
+      return out;
+    const int64_t mode = ctx->saved_data["mode"].toInt();
+    const double slope = ctx->saved_data["slope"].toDouble();
+    Tensor dx, dgamma, dbeta;
+    const double eps = ctx->saved_data["eps"].toDouble();
+    if (at::GradMode::is_enabled() || gmean.defined() || gvar.defined()) {
+      auto g = differentiable_backward(gy, gmean, gvar, saved[0], w, b, saved[3], saved[4], eps,
+                                       mode, slope);
+      dx = g[0], dgamma = g[1], dbeta = g[2];
+    } else {  // the kernels: two passes over (dy, saved)
+      std::tie(dx, dgamma, dbeta) = backward_act(
+          gy, saved[0], saved[3], saved[4], w, b, eps, mode, slope,
+          w.defined() ? w.scalar_type() : at::kDouble, b.defined() ? b.scalar_type() : at::kDouble);
+    }
     if (need_x) out[0] = dx;
     if (need_w) out[1] = dgamma;
     if (need_b) out[2] = dbeta;
@@ -953,70 +1049,83 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
   }
 };
 
-// The eager entry: None when the kernels do not take these tensors (the caller falls back).
-// factor < 0 means a cumulative average (momentum=None): 1/t for the t-th batch, t from
-// num_batches_tracked. The counter is incremented, and the running statistics moved, only after
-// the kernels have succeeded: a failed call leaves every buffer as it was.
-std::optional<Tensor> train(const Tensor& x, const std::optional<Tensor>& w,
-                            const std::optional<Tensor>& b, const std::optional<Tensor>& rm,
-                            const std::optional<Tensor>& rv, const std::optional<Tensor>& nbt,
-                            double eps, double factor, int64_t act, double slope, int64_t save) {
-  if (!supported(x)) return std::nullopt;
+// ================================================================== the op
+// batchnorm::batch_norm. Training: (act(BN(x)), μ_B, σ²_B biased) with the statistics in
+// float64, the running statistics and num_batches_tracked updated in place (momentum < 0: the
+// cumulative average, 1/t for the t-th batch). Inference (training = false): (act(BN(x)) with the
+// running statistics, empty, empty), for calls that need no gradient.
+// The caller (ops/op.py: fast_path_applies) sends only what these kernels compute exactly as
+// torch's would; the checks below restate that contract. They run before anything is written, so
+// a refused call changes no buffer.
+void check_vector(const std::optional<Tensor>& t, int64_t C, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->size(0) == C, "batchnorm::",
+                    "batch_norm: ", name, " must be a CPU tensor of shape (", C, ",), got ",
+                    t->sizes(), " on ", t->device());
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
+    const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b,
+    const std::optional<Tensor>& rm, const std::optional<Tensor>& rv,
+    const std::optional<Tensor>& nbt, bool training, double momentum, double eps, int64_t act,
+    double slope, int64_t save) {
+  check_supported(x, "input");
   const int64_t C = x.size(1);
-  for (const auto* t : {&w, &b, &rm, &rv}) {
-    if (!t->has_value() || !(*t)->defined()) continue;
-    if (!(*t)->device().is_cpu()) return std::nullopt;
-    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == C, "weight, bias and the running "
-                      "statistics must have shape (", C, ",) to match the input's ", C,
-                      " channels, got ", (*t)->sizes());
-  }
+  check_vector(w, C, "weight");
+  check_vector(b, C, "bias");
+  check_vector(rm, C, "running_mean");
+  check_vector(rv, C, "running_var");
   const bool track = rm.has_value() && rm->defined();
   TORCH_CHECK_VALUE(track == (rv.has_value() && rv->defined()),
                     "running_mean and running_var must both be tensors or both be None");
+  if (!training) {
+    TORCH_CHECK_VALUE(track, "inference needs running_mean and running_var");
+    TORCH_CHECK(!(at::GradMode::is_enabled() &&
+                  (x.requires_grad() || (w.has_value() && w->defined() && w->requires_grad()) ||
+                   (b.has_value() && b->defined() && b->requires_grad()))),
+                "batchnorm::batch_norm in inference is for calls that need no gradient; "
+                "batchnorm.functional.batch_norm routes the others to torch's kernel");
+    Tensor y = eval_forward(x, *rm, *rv, w.value_or(Tensor()), b.value_or(Tensor()), eps, act, slope);
+    const auto empty = x.options().dtype(at::kDouble);
+    return {y, at::empty({0}, empty), at::empty({0}, empty)};
+  }
   TORCH_CHECK_VALUE(x.numel() >= 2 * C, "training needs more than 1 value per channel to compute "
                     "a variance, got input of shape ", x.sizes(), "; use a batch of at least 2, or "
                     "call .eval() to use the running statistics");
   const bool count = nbt.has_value() && nbt->defined();
-  TORCH_CHECK_VALUE(factor >= 0 || !track || count,
+  TORCH_CHECK_VALUE(momentum >= 0 || !track || count,
                     "momentum=None (cumulative average) needs num_batches_tracked");
-  if (track && factor < 0) factor = 1.0 / (double(nbt->item<int64_t>()) + 1.0);
+  double factor = momentum;
+  if (track && momentum < 0) factor = 1.0 / (double(nbt->item<int64_t>()) + 1.0);
   const Running run{track ? *rm : Tensor(), track ? *rv : Tensor()};
-  Tensor y = TrainFn::apply(x, w, b, run, eps, factor, act, slope, save);
-  if (count && track) {
-    if (nbt->device().is_cpu() && nbt->scalar_type() == at::kLong && nbt->is_contiguous())
+  auto out = TrainFn::apply(x, w, b, run, eps, factor, act, slope, save);
+  if (count && track) {  // counted only once the kernels have succeeded
+    if (nbt->device().is_cpu() && nbt->scalar_type() == at::kLong && nbt->is_contiguous()) {
       ++*nbt->mutable_data_ptr<int64_t>();
-    else {
+      torch::autograd::impl::bump_version(*nbt);
+    } else {
       at::NoGradGuard no_grad;
       nbt->add_(1);
     }
   }
-  return y;
+  return {out[0], out[1], out[2]};
 }
 
 }  // namespace
 
+TORCH_LIBRARY(batchnorm, m) {
+  m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float momentum, "
+        "float eps, int act, float slope, int save) -> (Tensor, Tensor, Tensor)");
+}
+
+// One kernel for both keys: with autograd it records TrainFn's node; below autograd (inference
+// mode) the same call records nothing.
+TORCH_LIBRARY_IMPL(batchnorm, Autograd, m) { m.impl("batch_norm", &batch_norm_op); }
+TORCH_LIBRARY_IMPL(batchnorm, CPU, m) { m.impl("batch_norm", &batch_norm_op); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "batchnorm's C++ CPU kernels (see ops/native.py)";
-  m.def("supports", &supported, "whether the kernels take this tensor");
-  m.def("train", &train, "training BN (+ activation) with the running-statistics update, differentiable");
-  using OT = std::optional<Tensor>;
-  const auto val = [](const OT& t) { return t.value_or(Tensor()); };  // None → undefined
-  m.def("forward_act", [val](const Tensor& x, const OT& w, const OT& b, double eps, int64_t act,
-                             double slope) { return forward_act(x, val(w), val(b), eps, act, slope); },
-        "training forward: (y, mean, biased var), statistics float64");
-  m.def("backward_act", [val](const Tensor& dy, const Tensor& saved, const Tensor& mean,
-                              const Tensor& var, const OT& w, const OT& b, double eps, int64_t mode,
-                              double slope) {
-          return backward_act(dy, saved, mean, var, val(w), val(b), eps, mode, slope, at::kDouble,
-                              at::kDouble);
-        },
-        "(dx, dgamma, dbeta) from x or y; dgamma, dbeta float64");
-  m.def("eval_forward", [val](const Tensor& x, const OT& rm, const OT& rv, const OT& w, const OT& b,
-                              double eps, int64_t act, double slope) {
-          return eval_forward(x, val(rm), val(rv), val(w), val(b), eps, act, slope);
-        },
-        "inference: one scale-shift(-activation) pass");
-  m.def("empty_like", &empty_like_cached, "uninitialised tensor like x, from the output cache");
+  m.doc() = "batchnorm's C++ CPU kernels: the op batchnorm::batch_norm and its output cache";
   m.def("cache_set_limit", &cache_set_limit, "set the idle-byte limit of the output cache");
   m.def("cache_empty", &cache_empty, "free the idle cached buffers");
   m.def("cache_info", &cache_info, "the output cache's counters");

@@ -296,22 +296,21 @@ def jsonable(obj):
     return obj
 
 
-BN_IMPLS = ("batchnorm", "batchnorm-reference", "torch")
+BN_IMPLS = ("batchnorm", "torch")
 
 
 @contextlib.contextmanager
 def bn_impl(name: str):
     """Select which BN code the experiment's layers run, restoring the backend afterwards.
 
-    ``batchnorm``: this package's layers, backend "auto" (compiled CPU kernels where they apply);
-    ``batchnorm-reference``: the same layers on the reference equations; ``torch``: the models
-    are converted to ``torch.nn.BatchNorm*`` (see :func:`with_bn_impl`).
+    ``batchnorm``: this package's layers, backend "auto" (the C++ kernels where they apply);
+    ``torch``: the models are converted to ``torch.nn.BatchNorm*`` (see :func:`with_bn_impl`).
     """
     from ..ops import set_backend
 
     if name not in BN_IMPLS:
         raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {name!r}")
-    old = set_backend("reference" if name == "batchnorm-reference" else "auto")
+    old = set_backend("auto")
     try:
         yield
     finally:

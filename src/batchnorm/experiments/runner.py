@@ -208,7 +208,7 @@ def env_info() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
-    for mod in ("matplotlib", "sklearn", "numba"):
+    for mod in ("matplotlib", "sklearn"):
         try:
             info[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - optional

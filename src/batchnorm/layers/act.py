@@ -13,25 +13,27 @@ input and ReLU's output). The fused op keeps one:
   −γ/σ·(mean(dz) + x̂_i·mean(dz·x̂)) ≠ 0 (x_i still moves μ_B and σ²_B). Backward recomputes
   z = γ x̂ + β from x for the mask, so memory is still one tensor (PyTorch keeps two).
 
-Under ``torch.compile`` the leaky/identity layers save x (the γ check would be a graph break).
-Parameters, buffers and ``state_dict`` are those of ``torch.nn.BatchNorm1d/2d``, so weights trained
-with separate BN and activation layers load with ``strict=True``.
+Outside the fast path (tracing, scripting, transforms, other devices: ``ops/op.py``) the layer
+runs torch's kernel followed by the activation, exactly ``torch.nn.BatchNorm2d`` + ``nn.ReLU``.
+Parameters, buffers and ``state_dict`` are those of ``torch.nn.BatchNorm1d/2d`` (the layers are
+subclasses of them), so weights trained with separate BN and activation layers load with
+``strict=True``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from .. import functional as BF
-from ..ops import library
-from ..ops.reference import values_per_channel
+from ..ops import op
 from .base import BatchNormBase
 
 
 class _BatchNormAct(BatchNormBase):
+    _save = op.SAVE_AUTO  # the C++ op keeps y when γ allows it (never for ReLU), else x
+
     def __init__(
         self,
         num_features: int,
@@ -44,9 +46,9 @@ class _BatchNormAct(BatchNormBase):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        if activation not in library.ACTIVATIONS:
+        if activation not in op.ACTIVATIONS:
             raise ValueError(
-                f"activation must be one of {sorted(library.ACTIVATIONS)}, got {activation!r}"
+                f"activation must be one of {sorted(op.ACTIVATIONS)}, got {activation!r}"
             )
         if activation == "leaky_relu" and not (
             isinstance(negative_slope, (int, float)) and negative_slope > 0
@@ -64,47 +66,23 @@ class _BatchNormAct(BatchNormBase):
         return f"{super().extra_repr()}, activation={self.activation!r}{slope}"
 
     def _act(self) -> tuple[int, float]:
-        return library.ACTIVATIONS[self.activation], self.negative_slope
+        return op.ACTIVATIONS[self.activation], self.negative_slope
 
-    def _save_mode(self, x: Tensor) -> int:
-        """SAVE_OUTPUT when y can be inverted accurately, else SAVE_INPUT (see module docstring)."""
-        if self.activation == "relu" or torch.compiler.is_compiling():
-            return library.SAVE_INPUT
-        if self.weight is None:
-            return library.SAVE_OUTPUT
-        with torch.no_grad():
-            tol = torch.finfo(x.dtype).eps ** 0.5
-            ok = bool((self.weight.abs() >= tol * self.bias.abs().clamp_min(1.0)).all())
-        return library.SAVE_OUTPUT if ok else library.SAVE_INPUT
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        act, slope = self._act()
-        rm, rv, nbt = self._running_buffers()
-        w, b = self._params()
-        if not self._uses_batch_stats():  # inference: one fused scale-shift-activation pass
-            return library.eval_forward(x, rm, rv, w, b, self.eps, act, slope)
-
-        save = library.SAVE_INPUT if act == 1 else library.SAVE_AUTO  # C++ checks γ
-        y = library.train_eager(x, w, b, rm, rv, nbt, self.momentum, self.eps, act, slope, save)
-        if y is not None:
-            return y
-        y, mean, var = library.bn_act_train(x, w, b, float(self.eps), act, slope, self._save_mode(x))
-        if rm is not None:  # the same EMA as functional.batch_norm (unbiased σ²_B)
-            factor = BF.ema_factor(self.momentum, nbt)
-            BF.update_running_stats(
-                rm, rv, mean.detach(), var.detach(), values_per_channel(x), factor
-            )
+    def _activate(self, y: Tensor) -> Tensor:
+        if self.activation == "relu":
+            return F.relu(y)
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(y, self.negative_slope)
         return y
 
 
-class BatchNormAct1d(_BatchNormAct):
+class BatchNormAct1d(_BatchNormAct, nn.BatchNorm1d):
     """Fused BN + activation over (N, C) or (N, C, L); ``state_dict`` of ``torch.nn.BatchNorm1d``."""
 
     _dims = (2, 3)
 
 
-class BatchNormAct2d(_BatchNormAct):
+class BatchNormAct2d(_BatchNormAct, nn.BatchNorm2d):
     """Fused BN + activation over (N, C, H, W); ``state_dict`` of ``torch.nn.BatchNorm2d``."""
 
     _dims = (4,)

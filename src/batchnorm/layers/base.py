@@ -1,9 +1,15 @@
-"""One base class for every BN layer: parameters, buffers, checks, state_dict versioning.
+"""The base of every BN layer here: a subclass of ``torch.nn.modules.batchnorm._BatchNorm``.
 
-Attributes, buffers and ``state_dict`` keys match ``torch.nn.BatchNorm*`` exactly (``weight``,
-``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``), so checkpoints move both
-ways with ``strict=True``. Subclasses only say which input ranks they accept and, for variants,
-how a training batch is normalized.
+Parameters, buffers, ``state_dict`` keys, ``reset_*``, ``_load_from_state_dict`` and ``repr`` are
+torch.nn's own (inherited), so checkpoints move both ways with ``strict=True`` and every tool that
+looks for BN with ``isinstance`` (fvcore, timm, ``swa_utils.update_bn``, quantization fusion)
+finds these layers. What a layer adds is the forward:
+
+- eager calls check the input with clear errors (raised before any buffer changes), then take
+  the C++ op where it provably computes torch's numbers (``ops/op.py``), else torch's kernel;
+- ``torch.jit.script`` compiles :meth:`BatchNormBase._torch_forward`, torch.nn's forward;
+- ``torch.fx`` proxies and every transform (tracing, ``torch.func``, forward AD, compile) get
+  torch's kernel through the same :meth:`BatchNormBase._torch_forward`.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as BF
-from ..ops import library
+from ..ops import op
 
 _MISSING = object()
 
@@ -56,11 +63,25 @@ def replace_modules(module: nn.Module, swap: Callable[[nn.Module], nn.Module | N
     return module
 
 
-class BatchNormBase(nn.Module):
-    """Shared state of a batch-normalization layer over ``num_features`` channels (axis 1)."""
+def check_arguments(num_features: int, eps: float, momentum: float | None) -> None:
+    """Constructor arguments, with errors that say what to pass (``num_features=0`` is what
+    torch's lazy layers start from)."""
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 0:
+        raise ValueError(
+            f"num_features must be a positive int (the channel count), got {num_features!r}"
+        )
+    BF.check_hyperparameters(eps, momentum)
 
-    _version = 2  # same as torch.nn's _NormBase: v2 added num_batches_tracked
+
+class BatchNormBase(_BatchNorm):
+    """Shared forward of this package's BN layers over ``num_features`` channels (axis 1).
+
+    Subclasses pair it with torch's ``BatchNorm1d/2d/3d`` (whose ``_check_input_dim`` they keep)
+    and set ``_dims``, the input ranks they accept; variants override :meth:`forward`.
+    """
+
     _dims: tuple[int, ...] = (2, 3, 4, 5)  # accepted input ranks; subclasses narrow this
+    _save = op.SAVE_INPUT  # what the C++ backward keeps: x (fused layers: x or y)
 
     def __init__(
         self,
@@ -74,81 +95,14 @@ class BatchNormBase(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(
-                f"num_features must be a positive int (the channel count), got {num_features!r}"
-            )
-        BF.check_hyperparameters(eps, momentum)
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))  # γ
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))  # β
-            else:  # torch.nn's keyword-only bias=False: a scale without a shift
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, device=device),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
+        check_arguments(num_features, eps, momentum)
+        extra = {} if bias else {"bias": False}  # the keyword exists from torch 2.5 on
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype, **extra)
 
-    # ------------------------------------------------------------------ state
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, counter 0."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """γ = 1, β = 0 (the identity transform on normalized input), and fresh statistics."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        # Checkpoints from before num_batches_tracked existed (version < 2) keep the current
-        # counter (zero for a fresh layer), as torch.nn does.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            nbt = self.num_batches_tracked
-            usable = nbt is not None and nbt.device != torch.device("meta")
-            state_dict[key] = nbt if usable else torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ checks
     def check_input(self, x: Tensor) -> None:
-        """Type, rank, channel count and (in training) at least two values per channel."""
+        """Type, rank, channel count and (in training) more than one value per channel."""
         if self._valid_fast(x):
             return
         BF.check_hyperparameters(self.eps, self.momentum)
@@ -156,6 +110,8 @@ class BatchNormBase(nn.Module):
             x, self.num_features, self._dims, training=self._uses_batch_stats(),
             layer=type(self).__name__,
         )
+        if self.training and self.track_running_stats and self.momentum is None:
+            BF.check_counter(self.num_batches_tracked)
 
     def _valid_fast(self, x: Tensor) -> bool:
         """The common valid call, recognised without building any message (a few µs a call on
@@ -163,7 +119,7 @@ class BatchNormBase(nn.Module):
         eps, mom = self.eps, self.momentum
         return (
             type(x) is Tensor and type(eps) is float and 0.0 < eps < math.inf
-            and (mom is None or (type(mom) is float and 0.0 <= mom <= 1.0))
+            and type(mom) is float and 0.0 <= mom <= 1.0
             and x.dim() in self._dims and x.shape[1] == self.num_features and x.is_floating_point()
             and (x.numel() >= 2 * self.num_features or not self._uses_batch_stats())
         )
@@ -185,13 +141,41 @@ class BatchNormBase(nn.Module):
             return _read(self, b, "running_mean"), _read(self, b, "running_var"), nbt
         return None, None, None
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        rm, rv, nbt = self._running_buffers()
-        w, b = self._params()
-        batch = self._uses_batch_stats()
-        if batch:  # one C++ call on CPU when it applies (ops/library.py)
-            y = library.train_eager(x, w, b, rm, rv, nbt, self.momentum, self.eps)
+    # ------------------------------------------------------------------ forward
+    def _act(self) -> tuple[int, float]:
+        """(C++ activation code, slope) applied after BN; none here (fused layers override)."""
+        return 0, 0.0
+
+    def _activate(self, y: Tensor) -> Tensor:
+        """The activation after BN on torch's path (scriptable); none here."""
+        return y
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            self._check_input_dim(input)
+            return self._torch_forward(input)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, torch.fx.Proxy):  # fx tracing records torch's op below
+            self.check_input(input)
+            rm, rv, nbt = self._running_buffers()
+            w, b = self._params()
+            act, slope = self._act()
+            y = op.fast_batch_norm(input, rm, rv, w, b, self._uses_batch_stats(), self.momentum,
+                                   self.eps, nbt, act, slope, self._save)
             if y is not None:
                 return y
-        return BF.batch_norm(x, rm, rv, w, b, batch, self.momentum, self.eps, num_batches_tracked=nbt)
+        return self._torch_forward(input)
+
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        """torch.nn's forward on PyTorch's kernel (+ the activation of fused layers)."""
+        use_running = not self.training or self.track_running_stats
+        batch = self.training or (self.running_mean is None and self.running_var is None)
+        y = op.torch_batch_norm(
+            input, self.running_mean if use_running else None,
+            self.running_var if use_running else None, self.weight, self.bias, batch,
+            self.momentum, self.eps, self.num_batches_tracked if self.training else None,
+        )
+        return self._activate(y)

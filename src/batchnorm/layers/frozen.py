@@ -9,7 +9,10 @@ Three independent switches (all off by default, i.e. fully frozen):
 - ``train_affine``: γ and β have ``requires_grad=True``.
 
 Eval mode always uses the running statistics. Buffers, parameters and ``state_dict`` keys are
-those of ``torch.nn.BatchNorm*``, so weights trained with BN load unchanged.
+those of ``torch.nn.BatchNorm*`` (the layers derive from torch's ``_NormBase``), so weights
+trained with BN load unchanged. They are deliberately not ``_BatchNorm`` subclasses, as
+torchvision's and timm's frozen BN are not: tools that re-estimate or retrain BN layers found by
+class (``swa_utils.update_bn``, fvcore's precise BN) must leave frozen statistics alone.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
 
 from .. import functional as BF
-from ..ops import reference
-from .base import BatchNormBase
+from ..ops import op, reference
+from .base import check_arguments
 
 
-class _FrozenBatchNormBase(BatchNormBase):
+class _FrozenBatchNormBase(_NormBase):
     """BN with fixed statistics and affine; see the module docstring for the switches."""
 
     def __init__(
@@ -39,6 +43,7 @@ class _FrozenBatchNormBase(BatchNormBase):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
+        check_arguments(num_features, eps, momentum)
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         self.use_batch_stats = bool(use_batch_stats)
         self.update_stats = bool(update_stats)
@@ -60,6 +65,16 @@ class _FrozenBatchNormBase(BatchNormBase):
     def _uses_batch_stats(self) -> bool:
         return self.training and self.use_batch_stats
 
+    def _eval(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """x normalized with fixed statistics (the C++ kernel when it applies, else torch's)."""
+        y = op.fast_batch_norm(x, mean, var, self.weight, self.bias, False, None, self.eps)
+        if y is not None:
+            return y
+        return op.torch_batch_norm(x, mean, var, self.weight, self.bias, False, None, self.eps, None)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        BF.check_input(x, dims=self._dims, layer=type(self).__name__)
+
     def check_input(self, x: Tensor) -> None:
         BF.check_hyperparameters(self.eps, self.momentum)
         BF.check_input(x, self.num_features, self._dims,
@@ -70,7 +85,8 @@ class _FrozenBatchNormBase(BatchNormBase):
         self.check_input(x)
         update = self.training and self.update_stats
         if self._uses_batch_stats():
-            rm, rv, nbt = self._running_buffers() if update else (None, None, None)
+            rm, rv, nbt = (self.running_mean, self.running_var, self.num_batches_tracked) if update \
+                else (None, None, None)
             return BF.batch_norm(x, rm, rv, self.weight, self.bias, True, self.momentum, self.eps,
                                  num_batches_tracked=nbt)
         if update:  # update the running statistics, but normalize with those from before this batch
@@ -80,9 +96,8 @@ class _FrozenBatchNormBase(BatchNormBase):
                 factor = BF.ema_factor(self.momentum, self.num_batches_tracked)
                 BF.update_running_stats(self.running_mean, self.running_var, mean, var,
                                         reference.values_per_channel(x), factor)
-            return reference.eval_forward(x, old_mean, old_var, self.weight, self.bias, self.eps)
-        return reference.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                      self.eps)
+            return self._eval(x, old_mean, old_var)
+        return self._eval(x, self.running_mean, self.running_var)
 
 
 class FrozenBatchNorm1d(_FrozenBatchNormBase):

@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as BF
-from ..ops import library, reference
+from ..ops import op, reference
 from .base import BatchNormBase
 
 
@@ -58,13 +58,12 @@ class _GhostBatchNormBase(BatchNormBase):
         return parts
 
     def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
         if not self._uses_batch_stats():
-            return BF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                 False, self.momentum, self.eps)
+            return super().forward(x)  # inference: the running statistics
+        self.check_input(x)
         outs, stats = [], []
         for chunk in self.chunks(x):
-            y, mean, var = library.bn_forward(chunk, self.weight, self.bias, float(self.eps))
+            y, mean, var = op.batch_norm_train(chunk, self.weight, self.bias, self.eps)
             outs.append(y)
             stats.append((reference.values_per_channel(chunk), mean.detach(), var.detach()))
         rm, rv, nbt = self._running_buffers()
@@ -80,13 +79,13 @@ class _GhostBatchNormBase(BatchNormBase):
         return torch.cat(outs, dim=0)
 
 
-class GhostBatchNorm1d(_GhostBatchNormBase):
+class GhostBatchNorm1d(_GhostBatchNormBase, nn.BatchNorm1d):
     """Ghost BN over (N, C) or (N, C, L) input."""
 
     _dims = (2, 3)
 
 
-class GhostBatchNorm2d(_GhostBatchNormBase):
+class GhostBatchNorm2d(_GhostBatchNormBase, nn.BatchNorm2d):
     """Ghost BN over (N, C, H, W) input, per channel."""
 
     _dims = (4,)

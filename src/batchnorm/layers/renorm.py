@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as BF
-from ..ops import library, reference
+from ..ops import op, reference
 from .base import BatchNormBase
 
 
@@ -79,13 +79,12 @@ class _BatchRenormBase(BatchNormBase):
         return 1.0 + t * (self.r_max - 1.0), t * self.d_max
 
     def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
         if not self.training:
-            return BF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                 False, self.momentum, self.eps)
+            return super().forward(x)  # the ordinary eval-mode BN
+        self.check_input(x)
         r_max, d_max = self.clip_limits()
-        # x̂ with batch statistics; gradients flow through μ_B and σ_B (custom op's backward).
-        x_hat, mean, var = library.bn_forward(x, None, None, float(self.eps))
+        # x̂ with batch statistics; gradients flow through μ_B and σ_B (the op's backward).
+        x_hat, mean, var = op.batch_norm_train(x, None, None, self.eps)
         with torch.no_grad():  # r and d are constants in backward
             sigma_b = torch.sqrt(var + self.eps)
             sigma = torch.sqrt(self.running_var.to(var.dtype) + self.eps)
@@ -105,13 +104,13 @@ class _BatchRenormBase(BatchNormBase):
         return y
 
 
-class BatchRenorm1d(_BatchRenormBase):
+class BatchRenorm1d(_BatchRenormBase, nn.BatchNorm1d):
     """Batch Renormalization over (N, C) or (N, C, L) input."""
 
     _dims = (2, 3)
 
 
-class BatchRenorm2d(_BatchRenormBase):
+class BatchRenorm2d(_BatchRenormBase, nn.BatchNorm2d):
     """Batch Renormalization over (N, C, H, W) input, per channel."""
 
     _dims = (4,)

@@ -96,8 +96,16 @@ class SyncBatchNorm(BatchNormBase):
 
     Same arguments, buffers and ``state_dict`` as ``torch.nn.SyncBatchNorm``, plus ``timeout``
     (seconds to wait for a collective before raising; None = the process group's own time-out).
-    Accepts (N, C, *spatial) input of any rank ≥ 2.
+    Accepts (N, C, *spatial) input of any rank ≥ 2, on CPU (gloo) as on GPUs.
+
+    A ``_BatchNorm`` (tools that look for BN by class find it) but deliberately not a
+    ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses every ``torch.nn.SyncBatchNorm``
+    instance in a CPU model, and this layer is made to work there.
     """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise BF.BatchNormInputError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def __init__(
         self,

@@ -1,5 +1,6 @@
-"""The BN op: reference equations, torch.library registration, compiled CPU kernels."""
+"""The BN op: the paper's equations (``reference``, the tests' oracle), the C++ kernels
+(``native``) and the one path that chooses between them and PyTorch's kernel (``op``)."""
 
-from .library import get_backend, set_backend
+from .op import get_backend, set_backend
 
 __all__ = ["get_backend", "set_backend"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..layers import (
     BatchNorm1d,
@@ -17,6 +18,9 @@ from ..layers import (
     BatchNormAct1d,
     BatchNormAct2d,
     BatchNormBase,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
 )
 from ..layers.base import replace_modules, share_state
 
@@ -24,6 +28,9 @@ _TO_OURS: dict[type[nn.Module], type[BatchNormBase]] = {
     nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,
+    nn.LazyBatchNorm1d: LazyBatchNorm1d,  # still lazy: shares the uninitialised tensors
+    nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    nn.LazyBatchNorm3d: LazyBatchNorm3d,
 }
 _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_OURS.items()}
 
@@ -31,10 +38,12 @@ _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_OURS.i
 def _copy_layer(old: nn.Module, new_cls: type[nn.Module], **extra: Any) -> nn.Module:
     """A ``new_cls`` layer holding ``old``'s very parameters, buffers and mode (``extra``: the
     arguments ``new_cls`` has beyond torch's BN arguments)."""
-    new = new_cls(
-        old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
-        track_running_stats=old.track_running_stats, device="meta", **extra,
-    )
+    args = dict(eps=old.eps, momentum=old.momentum, affine=old.affine,
+                track_running_stats=old.track_running_stats, **extra)
+    if issubclass(new_cls, LazyModuleMixin):  # no num_features yet: the first call sets it
+        new = new_cls(**args)
+    else:
+        new = new_cls(old.num_features, device="meta", **args)
     return share_state(old, new)
 
 
@@ -45,9 +54,10 @@ def _convert(module: nn.Module, table: dict[type[nn.Module], type[nn.Module]]) -
 
 
 def convert_model(module: nn.Module, to: str = "batchnorm") -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` with ours (``to="batchnorm"``) or ours with
-    torch's (``to="torch"``), in place, returning the model (a new object if ``module`` itself was
-    a BN layer). Subclasses of either are left alone: they may add behaviour we cannot copy.
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``LazyBatchNorm1d/2d/3d`` with ours
+    (``to="batchnorm"``) or ours with torch's (``to="torch"``), in place, returning the model (a
+    new object if ``module`` itself was a BN layer). Exact types only: other subclasses may add
+    behaviour we cannot copy, and are left alone.
     """
     if to == "batchnorm":
         return _convert(module, _TO_OURS)
