@@ -99,11 +99,24 @@ def test_non_tensor_input_raises_type_error():
 
 
 @pytest.mark.parametrize("eps", [0, -1e-5, float("nan"), float("inf")])
-def test_eps_must_be_positive(eps):
-    with pytest.raises(ValueError, match="eps must be a positive"):
-        batchnorm.BatchNorm2d(3, eps=eps)
-    with pytest.raises(ValueError, match="eps must be a positive"):
+def test_eps_must_be_positive_in_training(eps):
+    """As torch: the constructor takes any eps; a training call needs eps > 0 (and finite)."""
+    layer = batchnorm.BatchNorm2d(3, eps=eps)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="eps must be"):
+        layer(torch.randn(4, 3, 2, 2))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k  # nothing touched
+    with pytest.raises(ValueError, match="eps must be"):
         BF.batch_norm(torch.randn(4, 3), None, None, training=True, eps=eps)
+
+
+def test_eps_zero_is_allowed_in_inference_as_in_torch():
+    x = torch.randn(4, 3)
+    ours, ref = batchnorm.BatchNorm1d(3, eps=0.0).eval(), torch.nn.BatchNorm1d(3, eps=0.0).eval()
+    torch.testing.assert_close(ours(x), ref(x))
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        BF.batch_norm(x, torch.zeros(3), torch.ones(3), eps=-1.0)
 
 
 @pytest.mark.parametrize("momentum", [-0.1, 1.01, float("nan"), "0.1"])

@@ -65,15 +65,30 @@ def _is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def check_hyperparameters(eps: float, momentum: float | None) -> None:
-    """``eps`` > 0 and ``momentum`` in [0, 1] (or None), else a ValueError that says so."""
-    if not _is_real(eps) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a positive finite number (e.g. 1e-5), got {eps!r}")
+def check_hyperparameters(eps: float, momentum: float | None, training: bool = True) -> None:
+    """:func:`check_eps`, and ``momentum`` in [0, 1] or None (the layers' check; ``batch_norm``
+    takes any momentum, as torch's does)."""
+    check_eps(eps, training)
+    check_momentum(momentum)
+
+
+def check_momentum(momentum: float | None) -> None:
+    """``momentum`` in [0, 1] or None, else a ValueError that says what to pass."""
     if momentum is not None and (not _is_real(momentum) or not 0.0 <= momentum <= 1.0):
         raise ValueError(
             f"momentum must be in [0, 1] (PyTorch convention: weight of the new batch) or None "
             f"for a cumulative average, got {momentum!r}; a Keras/Flax decay d is momentum 1 - d"
         )
+
+
+def check_eps(eps: float, training: bool = True) -> None:
+    """As torch: ``eps`` > 0 in training, ≥ 0 in inference (and finite, a number)."""
+    if not _is_real(eps) or math.isnan(eps) or eps == math.inf:
+        raise ValueError(f"batch_norm eps must be a finite number (e.g. 1e-5), got {eps!r}")
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training (e.g. 1e-5), got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, got {eps}")
 
 
 def check_input(
@@ -94,12 +109,13 @@ def check_input(
         raise BatchNormInputError(
             f"{layer}: expected {want} input, got {x.dim()}-D input of shape {tuple(x.shape)}"
         )
-    if x.dim() < 2:
+    if x.dim() < 2 and x.numel() > 0:  # an empty tensor is torch's kernel's to define
         raise BatchNormInputError(
             f"{layer}: expected input of shape (N, C, ...), got shape {tuple(x.shape)}; "
             f"add a batch axis with x.unsqueeze(0)"
         )
-    if num_features is not None and x.shape[1] != num_features:
+    # num_features 0: a lazy layer loaded from a checkpoint keeps it; its tensors say the count
+    if num_features and x.shape[1] != num_features:
         raise BatchNormInputError(
             f"{layer}: expected {num_features} channels (axis 1), got {x.shape[1]} in input of "
             f"shape {tuple(x.shape)}; set num_features={x.shape[1]} or fix the layer before"
@@ -176,8 +192,11 @@ def batch_norm(
     if isinstance(input, torch.fx.Proxy):  # torch.fx tracing: record torch's op
         return op.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                    momentum, eps, num_batches_tracked)
-    check_hyperparameters(eps, momentum)
+    check_eps(eps, training)
     check_input(input, training=training)
+    if input.dim() < 2:  # empty (0,): torch's kernel defines the result
+        return op.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps, num_batches_tracked)
     c = input.shape[1]
     _check_param("weight", weight, c)
     _check_param("bias", bias, c)

@@ -977,8 +977,19 @@ variable_list differentiable_backward(const Tensor& gy, const Tensor& gmean, con
 // The running buffers travel as a plain struct, not as Tensor arguments: autograd then does not
 // treat them as inputs of the node (they take no gradient).
 struct Running {
-  Tensor mean, var;
+  Tensor mean, var, count;  // count: num_batches_tracked, or undefined
 };
+
+// num_batches_tracked += 1 (in place, as the layer's own add_ would).
+void count_batch(const Tensor& nbt) {
+  if (nbt.device().is_cpu() && nbt.scalar_type() == at::kLong && nbt.is_contiguous()) {
+    ++*nbt.mutable_data_ptr<int64_t>();
+    torch::autograd::impl::bump_version(nbt);
+  } else {
+    at::NoGradGuard no_grad;
+    nbt.add_(1);
+  }
+}
 
 // Training BN (+ activation): outputs (y, μ_B, σ²_B biased), the statistics in float64.
 struct TrainFn : public torch::autograd::Function<TrainFn> {
@@ -991,7 +1002,10 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     const int64_t C = x.size(1);
     const auto wv = as_f64(w, C, 1.0), bv = as_f64(b, C, 0.0);
     auto [y, mean, var] = forward_act_v(x, wv, bv, eps, act, slope);
+    // The buffers move once the kernels have succeeded, and before anything is saved for backward:
+    // a non-reentrant checkpoint stops its recomputation from inside save_for_backward.
     if (run.mean.defined()) update_running(run.mean, run.var, mean, var, x.numel() / C, factor);
+    if (run.count.defined()) count_batch(run.count);
     int64_t mode = SAVED_X;
     double bslope = 1.0;
     if (act != ACT_NONE || save != SAVE_INPUT) {
@@ -1033,7 +1047,10 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     const double slope = ctx->saved_data["slope"].toDouble();
     Tensor dx, dgamma, dbeta;
     const double eps = ctx->saved_data["eps"].toDouble();
-    if (at::GradMode::is_enabled() || gmean.defined() || gvar.defined()) {
+    // Batched gradients (autograd.grad(is_grads_batched=True) runs this under vmap) have no
+    // storage for the kernels to read: the ATen ops take them, as they take create_graph.
+    const bool batched = gy.defined() && !gy.has_storage();
+    if (at::GradMode::is_enabled() || gmean.defined() || gvar.defined() || batched) {
       auto g = differentiable_backward(gy, gmean, gvar, saved[0], w, b, saved[3], saved[4], eps,
                                        mode, slope);
       dx = g[0], dgamma = g[1], dbeta = g[2];
@@ -1097,17 +1114,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
                     "momentum=None (cumulative average) needs num_batches_tracked");
   double factor = momentum;
   if (track && momentum < 0) factor = 1.0 / (double(nbt->item<int64_t>()) + 1.0);
-  const Running run{track ? *rm : Tensor(), track ? *rv : Tensor()};
+  const Running run{track ? *rm : Tensor(), track ? *rv : Tensor(),
+                    count && track ? *nbt : Tensor()};
   auto out = TrainFn::apply(x, w, b, run, eps, factor, act, slope, save);
-  if (count && track) {  // counted only once the kernels have succeeded
-    if (nbt->device().is_cpu() && nbt->scalar_type() == at::kLong && nbt->is_contiguous()) {
-      ++*nbt->mutable_data_ptr<int64_t>();
-      torch::autograd::impl::bump_version(*nbt);
-    } else {
-      at::NoGradGuard no_grad;
-      nbt->add_(1);
-    }
-  }
   return {out[0], out[1], out[2]};
 }
 

@@ -63,14 +63,15 @@ def replace_modules(module: nn.Module, swap: Callable[[nn.Module], nn.Module | N
     return module
 
 
-def check_arguments(num_features: int, eps: float, momentum: float | None) -> None:
+def check_arguments(num_features: int, momentum: float | None) -> None:
     """Constructor arguments, with errors that say what to pass (``num_features=0`` is what
-    torch's lazy layers start from)."""
+    torch's lazy layers start from). ``eps`` is checked at each call, as torch does: it may be 0
+    in inference."""
     if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 0:
         raise ValueError(
             f"num_features must be a positive int (the channel count), got {num_features!r}"
         )
-    BF.check_hyperparameters(eps, momentum)
+    BF.check_momentum(momentum)
 
 
 class BatchNormBase(_BatchNorm):
@@ -95,7 +96,7 @@ class BatchNormBase(_BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
-        check_arguments(num_features, eps, momentum)
+        check_arguments(num_features, momentum)
         extra = {} if bias else {"bias": False}  # the keyword exists from torch 2.5 on
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, device=device, dtype=dtype, **extra)
@@ -105,7 +106,7 @@ class BatchNormBase(_BatchNorm):
         """Type, rank, channel count and (in training) more than one value per channel."""
         if self._valid_fast(x):
             return
-        BF.check_hyperparameters(self.eps, self.momentum)
+        BF.check_hyperparameters(self.eps, self.momentum, self._uses_batch_stats())
         BF.check_input(
             x, self.num_features, self._dims, training=self._uses_batch_stats(),
             layer=type(self).__name__,
@@ -158,24 +159,46 @@ class BatchNormBase(_BatchNorm):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
-        if not isinstance(input, torch.fx.Proxy):  # fx tracing records torch's op below
-            self.check_input(input)
-            rm, rv, nbt = self._running_buffers()
-            w, b = self._params()
-            act, slope = self._act()
-            y = op.fast_batch_norm(input, rm, rv, w, b, self._uses_batch_stats(), self.momentum,
-                                   self.eps, nbt, act, slope, self._save)
-            if y is not None:
-                return y
+        if isinstance(input, torch.fx.Proxy):  # fx tracing: record torch's op on the buffers
+            return self._fx_forward(input)
+        if torch.jit.is_tracing():  # torch.nn's forward, checks included, is what gets traced
+            self._check_input_dim(input)
+            return self._torch_forward(input)
+        self.check_input(input)
+        rm, rv, nbt = self._running_buffers()
+        w, b = self._params()
+        act, slope = self._act()
+        y = op.fast_batch_norm(input, rm, rv, w, b, self._uses_batch_stats(), self.momentum,
+                               self.eps, nbt, act, slope, self._save)
+        if y is not None:
+            return y
         return self._torch_forward(input)
 
-    def _torch_forward(self, input: Tensor) -> Tensor:
-        """torch.nn's forward on PyTorch's kernel (+ the activation of fused layers)."""
+    @torch.jit.unused
+    def _fx_forward(self, input: Any) -> Any:
+        """:meth:`_torch_forward` with the buffers as ``get_attr`` nodes, so the graph itself
+        updates them on every run (fx would otherwise bake the tensors in and bump the counter
+        once, while tracing)."""
+        path = input.tracer.path_of_module(self)
+        rm, rv, nbt = (None if t is None else input.tracer.create_proxy(
+            "get_attr", f"{path}.{name}" if path else name, (), {})
+            for name, t in self._running_buffers_all())
+        return self._torch_forward(input, rm, rv, nbt)
+
+    def _running_buffers_all(self) -> list[tuple[str, Tensor | None]]:
+        return [(n, self._buffers.get(n)) for n in
+                ("running_mean", "running_var", "num_batches_tracked")]
+
+    def _torch_forward(self, input: Tensor, rm: Tensor | None = None, rv: Tensor | None = None,
+                       nbt: Tensor | None = None) -> Tensor:
+        """torch.nn's forward on PyTorch's kernel (+ the activation of fused layers); the
+        buffers are the module's unless given (fx proxies)."""
+        if rm is None:
+            rm, rv, nbt = self.running_mean, self.running_var, self.num_batches_tracked
         use_running = not self.training or self.track_running_stats
-        batch = self.training or (self.running_mean is None and self.running_var is None)
+        batch = self.training or (rm is None and rv is None)
         y = op.torch_batch_norm(
-            input, self.running_mean if use_running else None,
-            self.running_var if use_running else None, self.weight, self.bias, batch,
-            self.momentum, self.eps, self.num_batches_tracked if self.training else None,
+            input, rm if use_running else None, rv if use_running else None, self.weight,
+            self.bias, batch, self.momentum, self.eps, nbt if self.training else None,
         )
         return self._activate(y)

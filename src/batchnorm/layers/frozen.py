@@ -43,7 +43,7 @@ class _FrozenBatchNormBase(_NormBase):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        check_arguments(num_features, eps, momentum)
+        check_arguments(num_features, momentum)
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         self.use_batch_stats = bool(use_batch_stats)
         self.update_stats = bool(update_stats)

@@ -76,8 +76,9 @@ def load(verbose: bool = False) -> ModuleType | None:
     global _ext, op
     if _ext is not False:
         return _ext
+    on = enabled()  # an invalid $BATCHNORM_NATIVE raises here, on every call until it is fixed
     _ext = None
-    if not enabled() or sys.platform == "win32":  # MSVC builds are untested: torch's kernel there
+    if not on or sys.platform == "win32":  # MSVC builds are untested: torch's kernel there
         return None
     try:
         import torch

@@ -15,7 +15,8 @@ The data flow of every call (layer, fused layer, variant or ``functional.batch_n
 - outside every transform that needs PyTorch's own op to see the call: ``torch.jit`` tracing or
   scripting, ``torch.fx`` tracing (its proxies are not tensors), ``torch.compile``/``export``,
   ``torch.func`` transforms (vmap, grad, jacrev, ...), and forward-mode AD;
-- in inference, only when no gradient is needed (the inference kernel has no backward).
+- in inference, only when no gradient is needed (the inference kernel has no backward);
+- with ``momentum`` in [0, 1] or None (torch takes any factor; the op reads < 0 as None).
 
 Its backward is exact to any order: first-order gradients come from the kernels, and when the
 backward's own graph is recorded (``create_graph=True``) the C++ node computes them with
@@ -124,6 +125,8 @@ def fast_batch_norm(
         return None
     if not training and _needs_grad(x, weight, bias):
         return None
+    if momentum is not None and not 0.0 <= momentum <= 1.0:  # torch's kernel takes any factor
+        return None
     m = -1.0 if momentum is None else float(momentum)  # < 0: the cumulative average, 1/t
     return native.op(x, weight, bias, running_mean, running_var, num_batches_tracked, training, m,
                      float(eps), act, float(slope), save)[0]
@@ -154,10 +157,10 @@ def batch_norm_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training BN without running statistics: (y, μ_B, σ²_B biased), for the variants that need
     the batch statistics (ghost, renorm). The C++ op where it applies (statistics in float64),
-    else ``torch.native_batch_norm`` (σ²_B from its 1/sqrt(σ²_B + ε), in float64)."""
+    else ``torch.native_batch_norm`` (σ²_B from its 1/sqrt(σ²_B + ε)); statistics in float64."""
     if fast_path_applies(x, weight, bias, None, None):
         y, mean, var = native.op(x, weight, bias, None, None, None, True, 0.0, float(eps), 0, 0.0,
                                  SAVE_INPUT)
         return y, mean, var
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    return y, mean, invstd.double().pow(-2) - eps
+    return y, mean.double(), invstd.double().pow(-2) - eps
