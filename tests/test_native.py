@@ -36,13 +36,30 @@ def _cl(x):
 
 
 def test_the_op_is_registered_once_with_its_schema():
-    assert native.op is torch.ops.batchnorm.batch_norm.default
-    args = [a.name for a in native.op._schema.arguments]
+    registered = torch.ops.batchnorm.batch_norm.default
+    args = [a.name for a in registered._schema.arguments]
     assert args == ["input", "weight", "bias", "running_mean", "running_var",
                     "num_batches_tracked", "training", "momentum", "eps", "act", "slope", "save"]
-    mutated = [a.name for a in native.op._schema.arguments
+    mutated = [a.name for a in registered._schema.arguments
                if a.alias_info is not None and a.alias_info.is_write]
     assert mutated == ["running_mean", "running_var", "num_batches_tracked"]
+
+
+def test_the_fast_entry_is_the_registered_op():
+    """native.op (the extension's unboxed dispatcher call) and torch.ops' boxed call run the same
+    op: same outputs, same buffer updates, the same autograd node."""
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    state = [torch.randn(3), torch.rand(3) + 0.5, torch.tensor(2)]
+    outs = []
+    for call in (native.op, torch.ops.batchnorm.batch_norm.default):
+        rm, rv, nbt = (t.clone() for t in state)
+        y, mean, var = call(x, w, b, rm, rv, nbt, True, 0.1, 1e-5, 0, 0.0, 1)
+        outs.append((y, mean, var, rm, rv, nbt, y.grad_fn.name()))
+    for a, b_ in zip(outs[0][:6], outs[1][:6], strict=True):
+        assert torch.equal(a, b_)
+    assert outs[0][6] == outs[1][6]
+    assert not torch.equal(outs[0][3], state[0]) and int(outs[0][5]) == 3  # buffers moved
     assert native.load() is native._ext  # loaded once, then cached
 
 
@@ -375,13 +392,13 @@ def test_other_devices_never_trigger_the_build(monkeypatch):
 
 def test_inference_uses_the_op_only_without_gradients(monkeypatch):
     calls = []
-    real = native.op
+    real = native._ext.batch_norm
 
     def spy(*args):
         calls.append(args[6])  # training
         return real(*args)
 
-    monkeypatch.setattr(native, "op", spy)
+    monkeypatch.setattr(native._ext, "batch_norm", spy)
     ours, ref = B.BatchNorm2d(3), nn.BatchNorm2d(3)
     x = torch.randn(4, 3, 5, 5)
     ours(x), ref(x)
@@ -515,7 +532,7 @@ def test_env_switch_off_in_a_fresh_process_gives_torch_nn_numbers():
             ours.eval(), ref.eval()
             with torch.no_grad():
                 assert torch.equal(ours(x), ref(x))
-        assert native.load() is None and native._ext is None and native.op is None
+        assert native.load() is None and native._ext is None
         assert not op.fast_path_applies(torch.randn(4, 3), None, None, None, None)
         info = buffers.info()
         assert info["limit"] == 3 << 20 and info["hits"] == info["misses"] == 0, info

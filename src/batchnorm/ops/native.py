@@ -3,7 +3,9 @@
 :func:`load` compiles the extension with ``torch.utils.cpp_extension`` (a C++17 compiler and
 ninja; about a minute on 2 cores, once: the build is kept under ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``, keyed by the source, its path, the flags and this CPU's
-instruction set). Loading it registers the op ``torch.ops.batchnorm.batch_norm`` (:data:`op`).
+instruction set). Loading it registers the op ``torch.ops.batchnorm.batch_norm``.
+:func:`op` calls that same op through the extension's unboxed dispatcher entry (the boxed
+``torch.ops`` call parses its twelve arguments in Python: ~8 µs more a call).
 Only a CPU input ever triggers the build (``ops/op.py`` asks for it after checking the device).
 
 When it cannot be built, the package says why once (a ``RuntimeWarning``) and every layer runs
@@ -28,7 +30,6 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]  # no -ffast-math: N
 LDFLAGS = ["-fopenmp"]  # libgomp.so.1: the same OpenMP runtime (and thread pool) torch loads
 
 _ext: ModuleType | None | bool = False  # False: not tried yet; None: unavailable
-op: Any = None  # torch.ops.batchnorm.batch_norm.default once the extension is loaded
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -73,7 +74,7 @@ def _built(name: str) -> bool:
 def load(verbose: bool = False) -> ModuleType | None:
     """The compiled extension, building it on the first call; None (with one warning saying why)
     when it cannot be built, or when ``$BATCHNORM_NATIVE`` disables it."""
-    global _ext, op
+    global _ext
     if _ext is not False:
         return _ext
     on = enabled()  # an invalid $BATCHNORM_NATIVE raises here, on every call until it is fixed
@@ -81,7 +82,6 @@ def load(verbose: bool = False) -> ModuleType | None:
     if not on or sys.platform == "win32":  # MSVC builds are untested: torch's kernel there
         return None
     try:
-        import torch
         from torch.utils import cpp_extension
 
         name = f"batchnorm_cpu_{_build_tag()}"
@@ -97,7 +97,6 @@ def load(verbose: bool = False) -> ModuleType | None:
         if fresh:
             print(f"batchnorm: C++ kernels built in {time.monotonic() - start:.0f} s",
                   file=sys.stderr, flush=True)
-        op = torch.ops.batchnorm.batch_norm.default
     except Exception as e:  # no compiler, no ninja, no headers: torch's kernel still works
         warnings.warn(
             f"batchnorm: the C++ CPU kernels could not be built ({type(e).__name__}: "
@@ -113,6 +112,12 @@ def load(verbose: bool = False) -> ModuleType | None:
     ext.cache_set_limit(buffers.get_limit())
     _ext = ext
     return _ext
+
+
+def op(*args: Any) -> tuple[Any, Any, Any]:
+    """``batchnorm::batch_norm(*args)`` (schema in ``csrc/bn_cpu.cpp``); the extension must be
+    loaded."""
+    return _ext.batch_norm(*args)
 
 
 if __name__ == "__main__":  # `python -m batchnorm.ops.native`: build now (make setup does)
