@@ -179,15 +179,16 @@ class BatchNormBase(_BatchNorm):
         """:meth:`_torch_forward` with the buffers as ``get_attr`` nodes, so the graph itself
         updates them on every run (fx would otherwise bake the tensors in and bump the counter
         once, while tracing)."""
-        path = input.tracer.path_of_module(self)
-        rm, rv, nbt = (None if t is None else input.tracer.create_proxy(
-            "get_attr", f"{path}.{name}" if path else name, (), {})
-            for name, t in self._running_buffers_all())
-        return self._torch_forward(input, rm, rv, nbt)
+        tracer = input.tracer
+        path = tracer.path_of_module(self)
 
-    def _running_buffers_all(self) -> list[tuple[str, Tensor | None]]:
-        return [(n, self._buffers.get(n)) for n in
-                ("running_mean", "running_var", "num_batches_tracked")]
+        def node(name: str) -> Any:
+            if self._buffers.get(name) is None:
+                return None
+            return tracer.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
+
+        return self._torch_forward(input, node("running_mean"), node("running_var"),
+                                   node("num_batches_tracked"))
 
     def _torch_forward(self, input: Tensor, rm: Tensor | None = None, rv: Tensor | None = None,
                        nbt: Tensor | None = None) -> Tensor:
