@@ -543,3 +543,23 @@ def test_env_switch_off_in_a_fresh_process_gives_torch_nn_numbers():
                          timeout=240)
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
     assert "compiling" not in out.stderr
+
+
+def test_a_build_is_announced_when_none_is_newer_than_the_source(monkeypatch, tmp_path):
+    """The "compiling" line shows for a first build and for a rebuild after the source changed."""
+    import os
+
+    from torch.utils import cpp_extension
+
+    src, build = tmp_path / "bn_cpu.cpp", tmp_path / "build"
+    build.mkdir()
+    src.write_text("//")
+    monkeypatch.setattr(native, "SOURCE", src)
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(build))
+    assert not native._built("x")  # no build at all
+    so = build / "x.so"
+    so.write_text("")
+    os.utime(so, (src.stat().st_mtime - 10, src.stat().st_mtime - 10))
+    assert not native._built("x")  # older than the source: ninja will rebuild
+    os.utime(so, (src.stat().st_mtime + 10, src.stat().st_mtime + 10))
+    assert native._built("x")

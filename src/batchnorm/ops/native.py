@@ -62,11 +62,14 @@ def _build_tag() -> str:
 
 
 def _built(name: str) -> bool:
-    """Whether a build of ``name`` is already on disk (only to say "compiling" when it is not)."""
+    """Whether a build of ``name`` newer than the source is on disk (only to say "compiling"
+    when there is none: a first build, or a rebuild after the source changed)."""
     try:
         from torch.utils import cpp_extension
 
-        return any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob("*.so"))
+        build = Path(cpp_extension._get_build_directory(name, verbose=False))
+        source_time = SOURCE.stat().st_mtime
+        return any(so.stat().st_mtime >= source_time for so in build.glob("*.so"))
     except Exception:  # a private helper of torch: if it moves, just don't announce the build
         return True
 
