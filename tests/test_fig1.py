@@ -74,7 +74,7 @@ def test_percentiles_are_those_of_the_tracked_sigmoid_input(run_dir):
     data = __import__("batchnorm").data.load_dataset("digits")
     for arm in ("baseline", "bn"):
         net = fig1.build_mlp(arm == "bn", CFG.init_std, torch.Generator().manual_seed(0))
-        net.load_state_dict(torch.load(out / f"checkpoint-{arm}.pt", weights_only=False)["model"])
+        net.load_state_dict(torch.load(out / f"checkpoint-{arm}.pt", weights_only=True)["model"])
         net.eval()
         with torch.no_grad():
             z = net[:-2](data.test_x.flatten(1))[:, CFG.unit].double()  # input of the last sigmoid

@@ -38,6 +38,7 @@ from ..experiments.runner import (
     option,
     prepare_run_dir,
     progress,
+    read_checkpoint,
     read_json,
 )
 from .health import bn_health, bn_layers
@@ -137,7 +138,7 @@ def build_networks(cfg: Config, fig1_dir: Path | None = None) -> tuple[dict[str,
             path = fig1_dir / f"checkpoint-{arm}.pt"
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing; run `batchnorm reproduce fig1 --out {fig1_dir}` first")
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = read_checkpoint(path)
             net = fig1.build_mlp(arm == "bn", cfg.init_std, torch.Generator().manual_seed(0))
             net.load_state_dict(ckpt["model"])
             nets[arm] = net

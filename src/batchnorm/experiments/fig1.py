@@ -37,6 +37,7 @@ from .runner import (
     option,
     prepare_run_dir,
     progress,
+    read_checkpoint,
     save_checkpoint,
 )
 
@@ -238,7 +239,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = Fal
     done = {}
     for arm in ARMS:
         p = out / f"checkpoint-{arm}.pt"
-        done[arm] = torch.load(p, map_location="cpu", weights_only=False)["step"] if resume and p.exists() else -1
+        done[arm] = read_checkpoint(p)["step"] if resume and p.exists() else -1
     MetricsLog(out / "metrics.jsonl", keep=lambda r: r.get("step", 0) <= done.get(r.get("arm"), -1))
     jobs = [(arm, cfg, dataset, out, resume, quiet, i) for i, arm in enumerate(ARMS)]
     results = None

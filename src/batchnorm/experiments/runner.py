@@ -40,7 +40,9 @@ __all__ = [
     "atomic_write_json",
     "config_from_dict",
     "env_info",
+    "CheckpointError",
     "get_rng_state",
+    "read_checkpoint",
     "load_checkpoint",
     "prepare_run_dir",
     "progress",
@@ -145,10 +147,13 @@ def seed_everything(seed: int) -> None:
 
 
 def get_rng_state(*generators: torch.Generator) -> dict:
-    """Every RNG state a run depends on: Python, numpy, torch's default, and ``generators``."""
+    """Every RNG state a run depends on: Python, numpy, torch's default, and ``generators``;
+    as tensors and plain data only, so a checkpoint loads with ``weights_only=True``."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
         "generators": [g.get_state() for g in generators],
     }
@@ -156,8 +161,10 @@ def get_rng_state(*generators: torch.Generator) -> dict:
 
 def set_rng_state(state: dict, *generators: torch.Generator) -> None:
     """Restore what :func:`get_rng_state` returned (same generators, same order)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if len(state["generators"]) != len(generators):
         raise ValueError(f"checkpoint holds {len(state['generators'])} generator states, got {len(generators)} generators")
@@ -170,12 +177,37 @@ def save_checkpoint(path: str | os.PathLike, *, step: int, generators: Iterable[
     return atomic_save({"step": int(step), "rng": get_rng_state(*generators), **state}, path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read safely: damaged, truncated, or holding objects other
+    than tensors and plain data (which ``weights_only`` loading refuses to execute)."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """``torch.load(path, weights_only=True)``: tensors and plain data only, so no code in the
+    file ever runs. A file that does not load gets a :class:`CheckpointError` naming it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, garbage, a pickle with code in it, an old format
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else e}. It is damaged, or not a "
+            f"checkpoint this version wrote (only tensors and plain data are loaded; nothing in "
+            f"it is executed). Delete it to restart that part of the run, or rerun without "
+            f"--resume into a new --out directory."
+        ) from None
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this package (no 'step' entry); "
+                              f"delete it, or use a new --out directory")
+    return ckpt
+
+
 def load_checkpoint(path: str | os.PathLike, *, generators: Iterable[torch.Generator] = ()) -> dict | None:
-    """The saved dict (RNG states restored into the global RNGs and ``generators``), or None."""
+    """The saved dict (RNG states restored into the global RNGs and ``generators``), or None
+    when there is no file; see :func:`read_checkpoint` for how it is read."""
     path = Path(path)
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     set_rng_state(ckpt["rng"], *generators)
     return ckpt
 
