@@ -37,7 +37,9 @@ esac
 
 echo "== running Figure 1: two sigmoid MLPs (with / without BN), 50,000 steps of 60, in parallel"
 start=$(date +%s)
-"$PY" -m batchnorm.cli reproduce fig1 --dataset "$DATASET" --out "$OUT" "$@"
+# --overwrite: a second `make reproduce` redoes its own run; a directory holding anything else is
+# refused untouched.
+"$PY" -m batchnorm.cli reproduce fig1 --dataset "$DATASET" --out "$OUT" --overwrite "$@"
 echo "== done in $(( $(date +%s) - start )) s"
 echo "   figure: $OUT/fig1.png"
 echo "   open:   $(cd "$OUT" && pwd)/report.html"

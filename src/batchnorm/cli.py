@@ -1,6 +1,7 @@
 """The ``batchnorm`` command.
 
-    batchnorm reproduce NAME [--field-name VALUE ...] [--quick] [--out DIR] [--resume] [--quiet]
+    batchnorm reproduce NAME [--field-name VALUE ...] [--quick] [--out DIR] [--resume | --overwrite]
+                             [--quiet]
     batchnorm report DIR
 
 ``reproduce`` options come from the experiment's ``Config`` dataclass: each field ``foo_bar``
@@ -94,6 +95,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         ep.add_argument("--quick", action="store_true", help="start from Config.quick() (the CI-sized run)")
         ep.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/{name})")
         ep.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        ep.add_argument("--overwrite", action="store_true",
+                        help="start the run in --out again, replacing its checkpoints, metrics and report")
         ep.add_argument("--quiet", action="store_true", help="no progress bars")
         ep.set_defaults(func=_cmd_reproduce, _module=mod, _parser=ep)
 
@@ -119,7 +122,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         parser.error(f"reproduce {args.experiment}: {e}")
     out = args.out or Path("runs") / args.experiment
     try:
-        summary = mod.run(cfg, out, resume=args.resume, quiet=args.quiet)
+        summary = mod.run(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same command plus --resume (run directory {out})",
               file=sys.stderr)

@@ -199,7 +199,8 @@ def measure(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lr
 
 
 # ---------------------------------------------------------------- the experiment
-def run(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = False) -> dict:
+def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False) -> dict:
     """Train (or continue) both networks, measure, write the run directory; returns the summary.
 
     Runs take minutes, so ``resume`` starts over (it only checks the settings match).
@@ -219,7 +220,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = Fal
         dataset = best_available(cfg.data_dir)
     data = load_dataset(dataset, cfg.data_dir)  # fails before the run dir is touched
     nets, start = build_networks(cfg, fig1_dir)
-    out = prepare_run_dir(out, NAME, cfg, resume=resume)
+    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
     log = MetricsLog(out / "metrics.jsonl")
     clock = Stopwatch()
     threads = torch.get_num_threads()
@@ -465,6 +466,8 @@ def add_command(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="start from Config.quick() (the CI-sized run)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/diagnose)")
     p.add_argument("--resume", action="store_true", help="accepted for symmetry; a diagnose run restarts")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the run in --out again, replacing its metrics and report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_diagnose, _parser=p)
 
@@ -483,7 +486,7 @@ def _cmd_diagnose(args: Any) -> int:
         args._parser.error(str(e))
     out = args.out or Path("runs") / NAME
     try:
-        summary = run(cfg, out, resume=args.resume, quiet=args.quiet)
+        summary = run(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     except (ValueError, FileNotFoundError) as e:
         print(f"batchnorm diagnose: error: {e}", file=sys.stderr)
         return 1

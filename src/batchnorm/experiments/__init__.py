@@ -4,7 +4,7 @@
 
 - ``Config``: a dataclass; every field has a default and ``metadata={"help": ...}`` and
   becomes a ``--kebab-case`` CLI option; ``Config.quick()`` returns the CI-sized config;
-- ``run(cfg, out, *, resume=False, quiet=False) -> dict``: trains, writes the run directory
+- ``run(cfg, out, *, resume=False, overwrite=False, quiet=False) -> dict``: trains, writes the run directory
   (see :mod:`batchnorm.experiments.runner`) and returns the summary (also in summary.json);
 - ``report(summary, run_dir) -> ReportSections``: what ``report.html`` shows for it
   (see :mod:`batchnorm.experiments.report`).

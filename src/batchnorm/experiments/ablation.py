@@ -114,10 +114,11 @@ def table(results: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def run(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) -> dict:
+def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False) -> dict:
     """Train the six variants for ``cfg.steps`` each; table, Figure-2 plot, summary."""
     clock = Stopwatch()
-    out = prepare_run_dir(out, NAME, cfg, resume=resume)
+    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
     ds, tx, ty, vx, vy = T.load_data(cfg.dataset, cfg.data_dir, test_subset=cfg.eval_examples, seed=cfg.seed)
     with T.bn_impl(cfg.bn_impl):
         results = T.train_variants(out, variants(cfg), (tx, ty, vx, vy), steps=cfg.steps,

@@ -235,10 +235,11 @@ def ensemble_errors(member_probs: list[torch.Tensor], y: torch.Tensor) -> dict:
             "ensemble_top1_err": ens[0], "ensemble_top5_err": ens[1]}
 
 
-def run(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) -> dict:
+def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False) -> dict:
     """Train every net of the five claims; verdicts, plots, summary."""
     clock = Stopwatch()
-    out = prepare_run_dir(out, NAME, cfg, resume=resume)
+    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
     ds, tx, ty, vx, vy = T.load_data(cfg.dataset, cfg.data_dir, cfg.train_examples, cfg.test_examples, cfg.seed)
     vs = variants(cfg, tx, ty, vx, vy)
     results = T.train_variants(out, vs, (tx, ty, vx, vy), steps=cfg.steps, eval_every=max(cfg.steps // 3, 1),

@@ -227,13 +227,14 @@ def _worker(args: tuple) -> dict:
 
 
 # ---------------------------------------------------------------- the experiment
-def run(cfg: Config, out: str | Path, *, resume: bool = False, quiet: bool = False) -> dict:
+def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False) -> dict:
     """Train both networks, write the run directory (summary.json, fig1.png), return the summary."""
     if not isinstance(cfg, Config):
         raise TypeError(f"run() expects a fig1.Config, got {type(cfg).__name__}")
     dataset = cfg.dataset if cfg.dataset != "auto" else best_available(cfg.data_dir)
     data = load_dataset(dataset, cfg.data_dir)  # fails before the run directory is touched
-    out = prepare_run_dir(out, NAME, cfg, resume=resume)
+    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
     clock = Stopwatch()
     # keep the metrics each network logged up to its checkpoint; drop the rest (they are redone)
     done = {}

@@ -77,10 +77,11 @@ def variants(cfg: Config) -> list[T.Variant]:
     ]
 
 
-def run(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) -> dict:
+def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False) -> dict:
     """Train the three nets for ``cfg.epochs`` each; write metrics, checkpoint, plot, summary."""
     clock = Stopwatch()
-    out = prepare_run_dir(out, NAME, cfg, resume=resume)
+    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
     ds, tx, ty, vx, vy = T.load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, seed=cfg.seed)
     spe = len(tx) // cfg.batch_size
     if spe < 1:

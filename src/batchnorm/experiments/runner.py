@@ -48,6 +48,7 @@ __all__ = [
     "progress",
     "read_json",
     "read_metrics",
+    "RunDirError",
     "save_checkpoint",
     "seed_everything",
     "set_rng_state",
@@ -248,28 +249,61 @@ def env_info() -> dict:
     return info
 
 
-def prepare_run_dir(out: str | os.PathLike, name: str, cfg: Any, *, resume: bool) -> Path:
-    """Create ``out`` and write ``config.json``.
+class RunDirError(ValueError):
+    """``--out`` names a directory this run must not write into (nothing in it was changed)."""
 
-    With ``resume`` the saved config must equal ``cfg`` (else ValueError: resuming with other
-    settings would not reproduce anything). Without it, an earlier run's files are removed.
+
+_RUN_FILES = ("metrics.jsonl", "summary.json", "report.html")
+
+
+def prepare_run_dir(
+    out: str | os.PathLike, name: str, cfg: Any, *, resume: bool, overwrite: bool = False,
+) -> Path:
+    """Create ``out`` (or take an empty one) and write ``config.json``.
+
+    A directory that already holds files is only used when it is a run of the same experiment,
+    and then only with ``resume`` (the saved config must equal ``cfg``: resuming with other
+    settings would not reproduce anything) or ``overwrite`` (the earlier run's checkpoints,
+    metrics, summary and report are removed; its other files stay). Anything else is refused
+    with a :class:`RunDirError` before a single file changes: the user's own files are never
+    deleted or overwritten.
     """
     out = Path(out)
     cfg_dict = dataclasses.asdict(cfg)
     cfg_path = out / "config.json"
-    if resume and cfg_path.exists():
-        saved = read_json(cfg_path)
-        if saved.get("experiment") != name or saved.get("config") != cfg_dict:
-            diff = {k: (saved.get("config", {}).get(k), v) for k, v in cfg_dict.items()
-                    if saved.get("config", {}).get(k) != v}
-            raise ValueError(
-                f"--resume: {out} holds a run of {saved.get('experiment')!r} with other settings "
-                f"(saved vs requested: {diff}); resume with the same options, or use another --out"
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        saved = None
+        if cfg_path.is_file():
+            try:
+                saved = read_json(cfg_path)
+            except (OSError, ValueError):
+                saved = None
+        if not isinstance(saved, dict) or saved.get("experiment") != name:
+            what = f"a {saved.get('experiment')!r} run" if isinstance(saved, dict) else \
+                "files that are not a run of this package"
+            raise RunDirError(
+                f"--out {out} is not empty and holds {what}, not a {name!r} run; nothing was "
+                f"changed. Choose a new or empty --out directory."
+            )
+        if resume:
+            if saved.get("config") != cfg_dict:
+                diff = {k: (saved.get("config", {}).get(k), v) for k, v in cfg_dict.items()
+                        if saved.get("config", {}).get(k) != v}
+                raise RunDirError(
+                    f"--resume: {out} holds a run of {name!r} with other settings (saved vs "
+                    f"requested: {diff}); resume with the same options, or use another --out"
+                )
+        elif overwrite:
+            for p in list(out.glob("checkpoint*.pt")) + [out / f for f in _RUN_FILES]:
+                p.unlink(missing_ok=True)
+        else:
+            raise RunDirError(
+                f"--out {out} already holds a {name!r} run; nothing was changed. Add --resume to "
+                f"continue it, --overwrite to start it again, or choose another --out."
             )
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        for p in list(out.glob("checkpoint*.pt")) + [out / "metrics.jsonl", out / "summary.json", out / "report.html"]:
-            p.unlink(missing_ok=True)
     atomic_write_json(cfg_path, {"experiment": name, "config": cfg_dict, "env": env_info()})
     return out
 

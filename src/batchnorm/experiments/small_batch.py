@@ -242,10 +242,11 @@ def run_one(method: str, b: int, cfg: Config, data, trained=None) -> dict:
     }
 
 
-def run(cfg: Config, out: Path, *, resume: bool = False, quiet: bool = False) -> dict:
+def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False) -> dict:
     """Every (method, batch size) run; one metrics record and a checkpoint after each."""
     clock = Stopwatch()
-    out = prepare_run_dir(out, NAME, cfg, resume=resume)
+    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
     ds, tx, ty, vx, vy = T.load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset,
                                      seed=cfg.seed)
     if max(cfg.ghost_batch, 2 * max(cfg.sizes())) > len(tx):
