@@ -59,6 +59,7 @@ def test_missing_data_is_a_clear_error_not_a_traceback(capsys, tmp_path, monkeyp
     monkeypatch.setenv("BATCHNORM_NO_DOWNLOAD", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("BATCHNORM_DATA", raising=False)
+    (tmp_path / "none").mkdir()  # an existing folder without the files
     code = cli.main(["reproduce", "fig1", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
                      "--out", str(tmp_path / "o"), "--quiet"])
     assert code == 1

@@ -169,6 +169,7 @@ def test_fashion_found_in_system_dir(tmp_path, monkeypatch):
 
 
 def test_download_failure_is_fast_and_names_alternatives(tmp_path):
+    (tmp_path / "empty").mkdir()  # an existing folder without the files
     t = time.perf_counter()
     with pytest.raises(DataNotFoundError) as e:
         load_dataset("mnist", tmp_path / "empty")

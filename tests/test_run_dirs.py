@@ -132,3 +132,23 @@ def test_the_cli_refuses_a_foreign_out_and_offers_the_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "fig1", "--help"])
     assert "--overwrite" in capsys.readouterr().out
+
+
+def test_cli_version(capsys):
+    import batchnorm
+    from batchnorm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"batchnorm {batchnorm.__version__}"
+
+
+def test_a_missing_data_dir_is_an_error_before_the_run_directory_is_made(tmp_path, capsys):
+    from batchnorm import cli
+
+    out = tmp_path / "run"
+    rc = cli.main(["reproduce", "fig1", "--quick", "--data-dir", str(tmp_path / "nope"),
+                   "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--data-dir" in err and "not a directory" in err
+    assert not out.exists()

@@ -78,6 +78,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     chosen = argv[1] if len(argv) > 1 and argv[0] == "reproduce" else None
     p = argparse.ArgumentParser(prog="batchnorm", allow_abbrev=False,
                                 description="Batch Normalization (Ioffe & Szegedy 2015): the paper's experiments.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"batchnorm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     rep = sub.add_parser("reproduce", help="run one of the paper's experiments", allow_abbrev=False,

@@ -91,7 +91,18 @@ def cache_dir() -> Path:
     return Path(base) / "batchnorm"
 
 
+def check_data_dir(data_dir: str | os.PathLike | None) -> None:
+    """A ``--data-dir`` the user names must exist: silently looking elsewhere would train on other
+    data than asked for (and record the missing path in config.json)."""
+    if data_dir not in (None, "") and not Path(data_dir).expanduser().is_dir():
+        raise DataNotFoundError(
+            f"--data-dir {data_dir} is not a directory; give the folder holding the dataset "
+            f"files, or leave --data-dir out to use $BATCHNORM_DATA, the cache or the system copy"
+        )
+
+
 def _roots(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
+    check_data_dir(data_dir)
     roots = []
     for r in (data_dir, os.environ.get("BATCHNORM_DATA") or None, cache_dir()):
         if r is not None:
@@ -253,6 +264,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    check_data_dir(data_dir)
     if name == "digits":
         return _digits()
     d = locate(name, data_dir)
