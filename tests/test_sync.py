@@ -117,7 +117,8 @@ def test_sync_equals_single_process_bn_over_concatenated_batch(tmp_path, sizes, 
         torch.testing.assert_close(res["running_mean"], ref.running_mean)
         torch.testing.assert_close(res["running_var"], ref.running_var)
         assert res["nbt"] == 2
-        assert res["calls"] == {"all_gather": 2, "all_reduce": 2}  # one per forward, one per backward
+        # one per forward and one per backward, plus the one-time check of the channel counts
+        assert res["calls"] == {"all_gather": 3, "all_reduce": 2}
 
 
 def _failure_worker(rank, world, port, mode, out):
@@ -182,3 +183,24 @@ def test_without_process_group_sync_bn_is_local_bn():
     torch.testing.assert_close(layer(x), ref(x))
     with pytest.raises(ValueError, match="timeout"):
         SyncBatchNorm(C, timeout=0)
+
+
+def _channels_worker(rank, world, port, out):
+    _init(rank, world, port, timeout=20)
+    layer = SyncBatchNorm(C + rank, timeout=5.0)  # rank 1 built a different model
+    try:
+        layer(torch.randn(4, C + rank))
+        msg = "no error"
+    except ValueError as e:
+        msg = str(e)
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(msg)
+    os._exit(0)
+
+
+@pytest.mark.distributed
+def test_ranks_with_different_channel_counts_get_a_clear_error_on_every_rank(tmp_path):
+    _spawn(_channels_worker, 2, (_free_port(), str(tmp_path)), deadline=40.0)
+    for rank in range(2):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "disagree on this layer's channel count" in msg and "[3, 4]" in msg, msg

@@ -140,6 +140,26 @@ class SyncBatchNorm(BatchNormBase):
         super().check_input(x)
 
     @torch.no_grad()
+    def check_channels_across_ranks(self) -> None:
+        """Once per layer: every rank holds the same channel count. Ranks that disagree would
+        exchange statistics of different sizes, which kills a gloo rank with SIGABRT (and hangs
+        NCCL); one small all_gather turns that into a clear error on every rank."""
+        world = self._world_size()
+        mine = torch.tensor([self.num_features], dtype=torch.int64)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        work = dist.all_gather(gathered, mine, group=self.process_group, async_op=True)
+        _wait(work, self.timeout, "all_gather of the channel counts", self.process_group)
+        counts = [int(t) for t in gathered]
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"SyncBatchNorm: the ranks disagree on this layer's channel count (this rank, "
+                f"{dist.get_rank(self.process_group)}, has {self.num_features}; by rank: {counts}); every "
+                f"rank must build the same model, so that each SyncBatchNorm sees the same "
+                f"num_features"
+            )
+        self._channels_checked = True
+
+    @torch.no_grad()
     def global_stats(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         """(μ_B, biased σ²_B, N) over the batch of all ranks (float64, one all_gather)."""
         c = x.shape[1]
@@ -172,6 +192,8 @@ class SyncBatchNorm(BatchNormBase):
         if not self._uses_batch_stats() or self._world_size() == 1:
             return super().forward(x)  # eval, or the local path
         self.check_input(x)
+        if not getattr(self, "_channels_checked", False):
+            self.check_channels_across_ranks()
         mean, var, total = self.global_stats(x)
         acc = reference.acc_dtype(x.dtype)
         invstd = torch.rsqrt(var + self.eps)
