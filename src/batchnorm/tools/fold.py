@@ -7,8 +7,14 @@ After a Conv or Linear with weight W and bias b (per output channel c):
 
 which holds for grouped convolutions and any padding mode too (output channels are axis 0 of W).
 Every other BN becomes a :class:`ChannelAffine` (y = s·x + t on axis 1). A fused BN + activation
-layer (``BatchNormAct1d/2d``, or any BN layer with an ``activation`` module attribute) folds
-its BN part the same way and keeps the activation as a module after it.
+layer (``BatchNormAct1d/2d``) folds its BN part the same way and keeps the activation as a module
+after it.
+
+Only layers whose eval-mode forward is known exactly are folded: ``torch.nn``'s BatchNorm1d/2d/3d
+and SyncBatchNorm, and this package's BN, fused, ghost, renorm, sync and frozen layers (exact
+types). Any other subclass (timm's ``BatchNormAct2d`` applies an activation and maybe dropout
+inside its forward; a user's subclass may do anything) is left exactly as it was, and a
+``UserWarning`` names each one: a tool must not fold half of a layer it does not understand.
 
 "Directly follows" means: adjacent children of an ``nn.Sequential`` (a Conv/Linear child at index
 i, the BN at i + 1). Layers wired together in a custom ``forward`` are not traced; their BN
@@ -21,6 +27,7 @@ in eval) are left as they are.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -45,11 +52,27 @@ class ChannelAffine(nn.Module):
         return f"{self.scale.shape[0]}"
 
 
-def _is_bn(mod: nn.Module) -> bool:
-    from ..layers.base import BatchNormBase
+def _known_types() -> tuple[type[nn.Module], ...]:
+    """BN layers whose eval forward is exactly act(s·x + t), act from :func:`_activation_of`."""
+    from .. import layers as L
 
-    return isinstance(mod, (BatchNormBase, nn.modules.batchnorm._BatchNorm)) \
-        and getattr(mod, "running_mean", None) is not None
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, L.BatchNorm1d,
+            L.BatchNorm2d, L.BatchNorm3d, L.BatchNormAct1d, L.BatchNormAct2d, L.GhostBatchNorm1d,
+            L.GhostBatchNorm2d, L.BatchRenorm1d, L.BatchRenorm2d, L.SyncBatchNorm,
+            L.FrozenBatchNorm1d, L.FrozenBatchNorm2d, L.FrozenBatchNorm3d)
+
+
+def _is_bn_like(mod: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return isinstance(mod, _NormBase)
+
+
+def _is_bn(mod: nn.Module) -> bool:
+    """A layer this tool folds: a known type, with running statistics (materialized)."""
+    rm = getattr(mod, "running_mean", None)
+    return type(mod) in _known_types() and isinstance(rm, Tensor) \
+        and not isinstance(rm, nn.parameter.UninitializedBuffer)
 
 
 def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -67,19 +90,12 @@ def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 def _activation_of(bn: nn.Module) -> nn.Module | None:
     """The activation a fused BN + activation layer applies after BN, as a module (or None)."""
-    act = getattr(bn, "activation", None)
-    if act is None or act == "identity" or isinstance(act, nn.Identity):
+    act = getattr(bn, "activation", None)  # only BatchNormAct1d/2d among the known types
+    if act is None or act == "identity":
         return None
-    if isinstance(act, nn.Module):
-        return act
-    if act == "relu":  # BatchNormAct1d/2d name their activation
+    if act == "relu":
         return nn.ReLU()
-    if act == "leaky_relu":
-        return nn.LeakyReLU(bn.negative_slope)
-    raise TypeError(
-        f"fold_batchnorm: cannot keep activation {act!r} of {type(bn).__name__}; expected an "
-        f"nn.Module or one of 'identity', 'relu', 'leaky_relu'"
-    )
+    return nn.LeakyReLU(bn.negative_slope)
 
 
 def _fold_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
@@ -109,14 +125,17 @@ def _can_fold(prev: nn.Module | None, bn: nn.Module) -> bool:
     return out == bn.num_features
 
 
-def _fold(module: nn.Module) -> None:
+def _fold(module: nn.Module, prefix: str, left: list[str]) -> None:
     names = list(module._modules)
     for i, name in enumerate(names):
         child = module._modules[name]
         if child is None:
             continue
         if not _is_bn(child):
-            _fold(child)
+            if _is_bn_like(child) and type(child) not in _known_types():
+                left.append(f"{prefix}{name} ({type(child).__name__})")
+                continue  # not understood: left as it is, not descended into
+            _fold(child, f"{prefix}{name}.", left)
             continue
         prev_name = names[i - 1] if i > 0 else None
         prev = module._modules[prev_name] if prev_name is not None else None
@@ -131,6 +150,7 @@ def _fold(module: nn.Module) -> None:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every BN folded into the Conv/Linear it directly follows
     (in an ``nn.Sequential``) or turned into a per-channel affine; ``model`` is not changed.
+    BN subclasses of unknown behaviour are left as they are, with a warning naming them.
 
     The copy's outputs equal ``model.eval()``'s within float rounding (the fold is computed in
     float64 and stored in each layer's dtype).
@@ -140,5 +160,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     folded = copy.deepcopy(model).eval()
     if _is_bn(folded):
         return _replacement(folded).eval()
-    _fold(folded)
+    left: list[str] = []
+    if _is_bn_like(folded) and type(folded) not in _known_types():
+        left.append(type(folded).__name__)
+    else:
+        _fold(folded, "", left)
+    if left:
+        warnings.warn(
+            f"fold_batchnorm left {len(left)} BN layer(s) as they were, because their forward is "
+            f"not one this tool knows exactly: {', '.join(left)}. Their outputs are unchanged; "
+            f"to fold them, convert them to torch.nn or batchnorm BN layers first.",
+            UserWarning, stacklevel=2,
+        )
     return folded.eval()
