@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,17 +251,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
         finally:
             torch.set_num_threads(threads)
     else:
-        # Each worker gets cfg.threads threads, the compiled BN kernels' pool included (they read
-        # NUMBA_NUM_THREADS at import; tiny batches only lose time to thread synchronization).
-        old = os.environ.get("NUMBA_NUM_THREADS")
-        os.environ["NUMBA_NUM_THREADS"] = str(cfg.threads)
-        try:
-            pool = mp.get_context("spawn").Pool(2)
-        finally:
-            if old is None:
-                os.environ.pop("NUMBA_NUM_THREADS")
-            else:
-                os.environ["NUMBA_NUM_THREADS"] = old
+        pool = mp.get_context("spawn").Pool(2)  # each worker sets cfg.threads itself
         try:
             results = pool.map(_worker, jobs)
             pool.close()
