@@ -152,3 +152,51 @@ def test_a_missing_data_dir_is_an_error_before_the_run_directory_is_made(tmp_pat
     err = capsys.readouterr().err
     assert rc == 1 and "--data-dir" in err and "not a directory" in err
     assert not out.exists()
+
+
+_ORPHAN_SCRIPT = """
+import multiprocessing as mp, os, sys, time
+from batchnorm.experiments.runner import die_with_parent
+
+def work(path):
+    die_with_parent()
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+if __name__ == "__main__":
+    mp.get_context("spawn").Process(target=work, args=(sys.argv[1],)).start()
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_worker_dies_with_its_parent_even_on_sigkill(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pidfile = tmp_path / "parent.py", tmp_path / "child.pid"
+    script.write_text(_ORPHAN_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), str(pidfile)])
+    try:
+        end = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < end:
+            time.sleep(0.1)
+        child = int(pidfile.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the worker outlived its SIGKILLed parent")
+    finally:
+        parent.kill()

@@ -32,6 +32,7 @@ from .runner import (
     MetricsLog,
     Stopwatch,
     atomic_write_json,
+    die_with_parent,
     load_checkpoint,
     option,
     prepare_run_dir,
@@ -221,6 +222,7 @@ def train_arm(arm: str, cfg: Config, dataset: str, out: Path, *, resume: bool, q
 
 
 def _worker(args: tuple) -> dict:
+    die_with_parent()
     arm, cfg, dataset, out, resume, quiet, position = args
     return train_arm(arm, cfg, dataset, out, resume=resume, quiet=quiet, position=position)
 

@@ -39,6 +39,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "config_from_dict",
+    "die_with_parent",
     "env_info",
     "CheckpointError",
     "get_rng_state",
@@ -306,6 +307,21 @@ def prepare_run_dir(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_path, {"experiment": name, "config": cfg_dict, "env": env_info()})
     return out
+
+
+def die_with_parent() -> None:
+    """Call first thing in a worker process: the kernel kills it when its parent dies, even by
+    SIGKILL, so no orphan goes on writing into a run directory that a ``--resume`` is reading
+    (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the call: nobody will read our results
+        os._exit(1)
 
 
 # ---------------------------------------------------------------- progress and time

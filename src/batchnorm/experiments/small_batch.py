@@ -43,6 +43,7 @@ from .runner import (
     MetricsLog,
     Stopwatch,
     atomic_write_json,
+    die_with_parent,
     load_checkpoint,
     option,
     prepare_run_dir,
@@ -163,6 +164,7 @@ def _sync_worker(rank: int, world: int, port: int, cfg_dict: dict, sizes: list[i
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    die_with_parent()
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
