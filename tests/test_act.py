@@ -156,7 +156,7 @@ def test_eval_changes_no_state():
 
 def test_invalid_arguments_raise_value_error():
     with pytest.raises(ValueError, match="activation must be one of"):
-        B.BatchNormAct2d(3, "gelu")
+        B.BatchNormAct2d(3, "softplus")  # not among the fused activations
     with pytest.raises(ValueError, match="negative_slope must be > 0"):
         B.BatchNormAct2d(3, "leaky_relu", negative_slope=0.0)
     with pytest.raises(ValueError, match="expected 3 channels"):

@@ -106,7 +106,7 @@ def act_net():
         nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
         nn.Sequential(nn.Conv2d(4, 4, 3, bias=False), batchnorm.BatchNorm2d(4, momentum=None),
                       nn.LeakyReLU(0.2)),
-        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Sigmoid(),  # not fusable: stays as it is
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Softplus(),  # not fusable: stays as it is
         nn.Flatten(), nn.Linear(4 * 4 * 4, 8, bias=False), nn.BatchNorm1d(8, affine=False),
         nn.LeakyReLU(0.0), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.LeakyReLU(-0.5),  # not invertible
     )

@@ -52,7 +52,15 @@ using torch::autograd::variable_list;
 
 // Activation / saved-tensor codes: the same values as ops/op.py.
 constexpr int ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2;
-constexpr int SAVED_X = 0, SAVED_X_ACT = 1, SAVED_Y = 2;  // backward reads x, x through act, y
+// Smooth or bounded activations, applied through act_value / act_slope at run time (the switch is
+// loop-invariant; -O3 unswitches it): slope carries ELU's alpha.
+constexpr int ACT_RELU6 = 3, ACT_SILU = 4, ACT_HARDSWISH = 5, ACT_HARDSIGMOID = 6, ACT_GELU = 7,
+              ACT_GELU_TANH = 8, ACT_ELU = 9, ACT_MISH = 10, ACT_SIGMOID = 11, ACT_TANH = 12;
+constexpr int ACT_LAST = ACT_TANH;
+constexpr int ACT_GENERIC = 100;  // template value: the activation code comes at run time
+// Backward reads x, x through a piecewise-linear act (ReLU, leaky ReLU, identity), y, or x
+// through any other act (z recomputed, act'(z) from act_slope).
+constexpr int SAVED_X = 0, SAVED_X_ACT = 1, SAVED_Y = 2, SAVED_X_GEN = 3;
 constexpr int SAVE_AUTO = 0, SAVE_INPUT = 1, SAVE_OUTPUT = 2;
 
 constexpr int64_t kBlock = 4096;           // planes: values per work item (16 KB float32, in L1)
@@ -253,6 +261,7 @@ std::vector<double> as_f64(const Tensor& t, int64_t C, double fill) {
 template <typename T>
 struct Affine {
   std::vector<T> mhi, a, bb;
+  int act = ACT_NONE;  // the activation code, read by the SAVED_X_GEN backward
   Affine(const double* mean, const double* var, const std::vector<double>& w,
          const std::vector<double>& b, double eps, int64_t C)
       : mhi(C), a(C), bb(C) {
@@ -463,16 +472,79 @@ void stats(const Tensor& x, const Geo& g, double* mean, double* var) {
 }
 
 // ================================================================== y = act(γ x̂ + β)
+// act(z) and act'(z) as torch computes them (torch/csrc and ATen's activation kernels): the
+// same branch points, so the fused layer's gradients equal BN followed by torch's module.
+template <typename T>
+inline T sigmoid(T z) { return T(1) / (T(1) + std::exp(-z)); }
+
+constexpr double kSqrt1_2 = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794;
+constexpr double kGeluBeta = 0.79788456080286535588, kGeluKappa = 0.044715;  // sqrt(2/π)
+
+template <typename T>
+inline T act_value(int act, T z, T alpha) {
+  switch (act) {
+    case ACT_RELU6: return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
+    case ACT_SILU: return z * sigmoid(z);
+    case ACT_HARDSWISH: return z <= T(-3) ? T(0) : (z >= T(3) ? z : z * (z + T(3)) / T(6));
+    case ACT_HARDSIGMOID: return z <= T(-3) ? T(0) : (z >= T(3) ? T(1) : z / T(6) + T(0.5));
+    case ACT_GELU: return T(0.5) * z * (T(1) + std::erf(z * T(kSqrt1_2)));
+    case ACT_GELU_TANH:
+      return T(0.5) * z * (T(1) + std::tanh(T(kGeluBeta) * (z + T(kGeluKappa) * z * z * z)));
+    case ACT_ELU: return z > T(0) ? z : alpha * (std::exp(z) - T(1));
+    case ACT_MISH: return z * std::tanh(std::log1p(std::exp(z)));
+    case ACT_SIGMOID: return sigmoid(z);
+    case ACT_TANH: return std::tanh(z);
+    default: return z;
+  }
+}
+
+template <typename T>
+inline T act_slope(int act, T z, T alpha) {  // act'(z)
+  switch (act) {
+    case ACT_RELU6: return (z > T(0) && z < T(6)) ? T(1) : T(0);
+    case ACT_SILU: {
+      const T s = sigmoid(z);
+      return s * (T(1) + z * (T(1) - s));
+    }
+    case ACT_HARDSWISH: return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
+    case ACT_HARDSIGMOID: return (z > T(-3) && z < T(3)) ? T(1) / T(6) : T(0);
+    case ACT_GELU:
+      return T(0.5) * (T(1) + std::erf(z * T(kSqrt1_2))) +
+             z * T(kInvSqrt2Pi) * std::exp(T(-0.5) * z * z);
+    case ACT_GELU_TANH: {
+      const T inner = T(kGeluBeta) * (z + T(kGeluKappa) * z * z * z);
+      const T t = std::tanh(inner);
+      return T(0.5) * (T(1) + t) +
+             T(0.5) * z * (T(1) - t * t) * T(kGeluBeta) * (T(1) + T(3 * kGeluKappa) * z * z);
+    }
+    case ACT_ELU: return z > T(0) ? T(1) : alpha * std::exp(z);
+    case ACT_MISH: {
+      const T t = std::tanh(std::log1p(std::exp(z)));
+      return t + z * sigmoid(z) * (T(1) - t * t);
+    }
+    case ACT_SIGMOID: {
+      const T s = sigmoid(z);
+      return s * (T(1) - s);
+    }
+    case ACT_TANH: {
+      const T t = std::tanh(z);
+      return T(1) - t * t;
+    }
+    default: return T(1);
+  }
+}
+
 template <int ACT, typename T>
-inline T activate(T z, T sl) {
+inline T activate(T z, T sl, int ract) {
   if constexpr (ACT == ACT_RELU) return z < T(0) ? T(0) : z;  // NaN stays NaN
   else if constexpr (ACT == ACT_LEAKY) return z < T(0) ? z * sl : z;
+  else if constexpr (ACT == ACT_GENERIC) return act_value(ract, z, sl);
   else return z;
 }
 
 template <typename scalar_t, int ACT>
 void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scalar_t>>& k,
-            double slope) {
+            double slope, int ract) {
   using T = op_t<scalar_t>;
   const T sl = T(slope);
   const int64_t C = g.C, L = g.L;
@@ -484,7 +556,7 @@ void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scal
         scalar_t* yr = y + p * L;
         const T m = k.mhi[c], aa = k.a[c], b0 = k.bb[c];
 #pragma omp simd
-        for (int64_t i = 0; i < L; ++i) yr[i] = scalar_t(activate<ACT>((T(xr[i]) - m) * aa + b0, sl));
+        for (int64_t i = 0; i < L; ++i) yr[i] = scalar_t(activate<ACT>((T(xr[i]) - m) * aa + b0, sl, ract));
       }
     });
     return;
@@ -497,7 +569,8 @@ void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scal
       const scalar_t* xr = x + r * C;
       scalar_t* yr = y + r * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yr[c] = scalar_t(activate<ACT>((T(xr[c]) - mhi[c]) * a[c] + bb[c], sl));
+      for (int64_t c = 0; c < C; ++c)
+        yr[c] = scalar_t(activate<ACT>((T(xr[c]) - mhi[c]) * a[c] + bb[c], sl, ract));
     }
   });
 }
@@ -508,9 +581,10 @@ void affine_any(const Tensor& x, Tensor& y, const Geo& g, const Affine<op_t<scal
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
   switch (act) {
-    case ACT_RELU: return affine<scalar_t, ACT_RELU>(xp, yp, g, k, slope);
-    case ACT_LEAKY: return affine<scalar_t, ACT_LEAKY>(xp, yp, g, k, slope);
-    default: return affine<scalar_t, ACT_NONE>(xp, yp, g, k, slope);
+    case ACT_NONE: return affine<scalar_t, ACT_NONE>(xp, yp, g, k, slope, act);
+    case ACT_RELU: return affine<scalar_t, ACT_RELU>(xp, yp, g, k, slope, act);
+    case ACT_LEAKY: return affine<scalar_t, ACT_LEAKY>(xp, yp, g, k, slope, act);
+    default: return affine<scalar_t, ACT_GENERIC>(xp, yp, g, k, slope, act);
   }
 }
 
@@ -570,7 +644,7 @@ Tensor eval_forward(const Tensor& x, const Tensor& rm, const Tensor& rv, const T
 // recovered from y (SAVED_Y), with x̂ = p·u + q per channel. dz is dy, or dy·slope where z ≤ 0
 // (z recomputed from x; ReLU has slope 0) or where y < 0 (leaky ReLU inverted from its output).
 template <int MODE, typename T>
-inline void dz_u(T gv, T sv, T m, T aa, T b0, T sl, T isl, T& dz, T& u) {
+inline void dz_u(T gv, T sv, T m, T aa, T b0, T sl, T isl, int ract, T& dz, T& u) {
   if constexpr (MODE == SAVED_Y) {
     const bool neg = sv < T(0);
     dz = neg ? gv * sl : gv;
@@ -578,6 +652,7 @@ inline void dz_u(T gv, T sv, T m, T aa, T b0, T sl, T isl, T& dz, T& u) {
   } else {
     u = sv - m;
     if constexpr (MODE == SAVED_X_ACT) dz = (u * aa + b0 > T(0)) ? gv : gv * sl;
+    else if constexpr (MODE == SAVED_X_GEN) dz = gv * act_slope(ract, u * aa + b0, sl);
     else dz = gv;
   }
 }
@@ -597,6 +672,7 @@ void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
   using T = op_t<scalar_t>;
   const std::pair<T, T> sp = slopes<T>(slope);
   const T sl = sp.first, isl = sp.second;
+  const int ract = k.act;
   const PlaneItems pi(g);
   const int64_t L = g.L, C = g.C;
   std::vector<double> p1(pi.items), p2(pi.items), p3(pi.items);
@@ -616,7 +692,7 @@ void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
 #pragma omp simd
           for (int j = 0; j < kLanes; ++j) {
             T dz, u;
-            dz_u<MODE>(T(gr[i + j]), T(sr[i + j]), m, aa, b0, sl, isl, dz, u);
+            dz_u<MODE>(T(gr[i + j]), T(sr[i + j]), m, aa, b0, sl, isl, ract, dz, u);
             v1[j] += acc_t(dz);              // Σ dL/dz_i
             v2[j] += acc_t(dz) * acc_t(u);   // Σ dL/dz_i · u_i
             v3[j] += acc_t(u);               // Σ u_i: re-centres on the exact μ_B
@@ -624,7 +700,7 @@ void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
         }
         for (; i < len; ++i) {  // the tail in scalars (see planes_stats)
           T dz, u;
-          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
+          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, ract, dz, u);
           t1 += acc_t(dz);
           t2 += acc_t(dz) * acc_t(u);
           t3 += acc_t(u);
@@ -655,6 +731,7 @@ void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
   using T = op_t<scalar_t>;
   const std::pair<T, T> sp = slopes<T>(slope);
   const T sl = sp.first, isl = sp.second;
+  const int ract = k.act;
   const int64_t R = g.outer, C = g.C, nchunk = row_chunks(R, C);
   std::vector<double> p1(nchunk * C, 0.0), p2(nchunk * C, 0.0), p3(nchunk * C, 0.0);
   const T* __restrict mhi = k.mhi.data();
@@ -681,8 +758,8 @@ void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             T dz0, u0, dz1, u1;
-            dz_u<MODE>(T(ga[c]), T(sa[c]), mhi[c], a[c], bb[c], sl, isl, dz0, u0);
-            dz_u<MODE>(T(gb[c]), T(sb[c]), mhi[c], a[c], bb[c], sl, isl, dz1, u1);
+            dz_u<MODE>(T(ga[c]), T(sa[c]), mhi[c], a[c], bb[c], sl, isl, ract, dz0, u0);
+            dz_u<MODE>(T(gb[c]), T(sb[c]), mhi[c], a[c], bb[c], sl, isl, ract, dz1, u1);
             t1[c] += acc_t(dz0) + acc_t(dz1);
             t2[c] += acc_t(dz0) * acc_t(u0) + acc_t(dz1) * acc_t(u1);
             t3[c] += acc_t(u0) + acc_t(u1);
@@ -694,7 +771,7 @@ void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             T dz, u;
-            dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, dz, u);
+            dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, ract, dz, u);
             t1[c] += acc_t(dz);
             t2[c] += acc_t(dz) * acc_t(u);
             t3[c] += acc_t(u);
@@ -731,6 +808,7 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
   using T = op_t<scalar_t>;
   const std::pair<T, T> sp = slopes<T>(slope);
   const T sl = sp.first, isl = sp.second;
+  const int ract = k.act;
   const int64_t C = g.C, L = g.L;
   if (!g.rows) {
     at::parallel_for(0, g.outer * C, std::max<int64_t>(1, kGrain / L), [&](int64_t p0, int64_t p1) {
@@ -743,7 +821,7 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
 #pragma omp simd
         for (int64_t i = 0; i < L; ++i) {
           T dz, u;
-          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
+          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, ract, dz, u);
           out[i] = scalar_t(A * dz + B * u + K);  // dL/dx_i, Section 3 collapsed
         }
       }
@@ -764,7 +842,7 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         T dz, u;
-        dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, dz, u);
+        dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, ract, dz, u);
         out[c] = scalar_t(A[c] * dz + B[c] * u + K[c]);
       }
     }
@@ -774,10 +852,12 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
 template <typename scalar_t, int MODE>
 void backward_impl(const Tensor& dy, const Tensor& saved, const Geo& g, const double* mean,
                    const double* var, const std::vector<double>& w, const std::vector<double>& b,
-                   double eps, double slope, Tensor& dx, double* dgamma, double* dbeta) {
+                   double eps, double slope, int act, Tensor& dx, double* dgamma,
+                   double* dbeta) {
   using T = op_t<scalar_t>;
   const int64_t C = g.C;
-  const Affine<T> k(mean, var, w, b, eps, C);
+  Affine<T> k(mean, var, w, b, eps, C);
+  k.act = act;
   const scalar_t* gp = dy.const_data_ptr<scalar_t>();
   const scalar_t* sp = saved.const_data_ptr<scalar_t>();
   std::vector<double> s2(C), s3(C);
@@ -833,12 +913,11 @@ Tensor vector_tensor(const std::vector<double>& v, at::ScalarType dt, const at::
 std::tuple<Tensor, Tensor, Tensor> backward_act(const Tensor& dy_in, const Tensor& saved,
                                                 const Tensor& mean, const Tensor& var,
                                                 const Tensor& w, const Tensor& b, double eps,
-                                                int64_t mode, double slope,
-                                                at::ScalarType gdtype = at::kDouble,
-                                                at::ScalarType bdtype = at::kDouble) {
+                                                int64_t mode, double slope, int64_t act,
+                                                at::ScalarType gdtype, at::ScalarType bdtype) {
   check_supported(saved, "the saved tensor");
-  TORCH_CHECK_VALUE(mode == SAVED_X || mode == SAVED_X_ACT || mode == SAVED_Y,
-                    "backward mode must be 0, 1 or 2, got ", mode);
+  TORCH_CHECK_VALUE(mode >= SAVED_X && mode <= SAVED_X_GEN, "backward mode must be 0-3, got ",
+                    mode);
   const Geo g = geometry(saved);
   TORCH_CHECK_VALUE(dy_in.sizes() == saved.sizes(), "dL/dy has shape ", dy_in.sizes(),
                     " but the saved tensor has shape ", saved.sizes());
@@ -852,16 +931,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_act(const Tensor& dy_in, const Tenso
   BN_DISPATCH(saved.scalar_type(), [&] {
     double* dg = dgv.data();
     double* db = dbv.data();
+    const int a = int(act);
     switch (mode) {
       case SAVED_X_ACT:
         return backward_impl<scalar_t, SAVED_X_ACT>(dy, saved, g, mv.data(), vv.data(), wv, bv,
-                                                    eps, slope, dx, dg, db);
+                                                    eps, slope, a, dx, dg, db);
+      case SAVED_X_GEN:
+        return backward_impl<scalar_t, SAVED_X_GEN>(dy, saved, g, mv.data(), vv.data(), wv, bv,
+                                                    eps, slope, a, dx, dg, db);
       case SAVED_Y:
         return backward_impl<scalar_t, SAVED_Y>(dy, saved, g, mv.data(), vv.data(), wv, bv, eps,
-                                                slope, dx, dg, db);
+                                                slope, a, dx, dg, db);
       default:
         return backward_impl<scalar_t, SAVED_X>(dy, saved, g, mv.data(), vv.data(), wv, bv, eps,
-                                                slope, dx, dg, db);
+                                                slope, a, dx, dg, db);
     }
   });
   return {dx, vector_tensor(dgv, gdtype, saved.options()), vector_tensor(dbv, bdtype, saved.options())};
@@ -921,6 +1004,40 @@ Tensor channel_view(const Tensor& v, const Tensor& x) {
   return v.view(shape);
 }
 
+// act'(z) in differentiable ATen ops (the create_graph backward of SAVED_X_GEN): the same
+// formulas as act_slope, so their own derivative is act''(z), exactly.
+Tensor act_slope_aten(int64_t act, const Tensor& z, double alpha) {
+  switch (act) {
+    case ACT_RELU6: return ((z > 0) & (z < 6)).to(z.scalar_type());
+    case ACT_SILU: {
+      const Tensor sg = z.sigmoid();
+      return sg * (1 + z * (1 - sg));
+    }
+    case ACT_HARDSWISH: return at::where(z < -3, at::zeros_like(z), at::where(z <= 3, z / 3 + 0.5,
+                                                                               at::ones_like(z)));
+    case ACT_HARDSIGMOID: return ((z > -3) & (z < 3)).to(z.scalar_type()) / 6;
+    case ACT_GELU: return 0.5 * (1 + (z * kSqrt1_2).erf()) + z * kInvSqrt2Pi * (-0.5 * z * z).exp();
+    case ACT_GELU_TANH: {
+      const Tensor t = (kGeluBeta * (z + kGeluKappa * z * z * z)).tanh();
+      return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * kGeluBeta * (1 + 3 * kGeluKappa * z * z);
+    }
+    case ACT_ELU: return at::where(z > 0, at::ones_like(z), alpha * z.exp());
+    case ACT_MISH: {
+      const Tensor t = z.exp().log1p().tanh();
+      return t + z * z.sigmoid() * (1 - t * t);
+    }
+    case ACT_SIGMOID: {
+      const Tensor sg = z.sigmoid();
+      return sg * (1 - sg);
+    }
+    case ACT_TANH: {
+      const Tensor t = z.tanh();
+      return 1 - t * t;
+    }
+    default: return at::ones_like(z);
+  }
+}
+
 // The backward in differentiable ATen ops: used when the graph of the backward itself is
 // recorded (create_graph=True: gradient penalties, Hessian-vector products, gradgradcheck), or
 // when a gradient arrives for the statistics outputs. Every quantity is a function of tensors
@@ -934,7 +1051,7 @@ Tensor channel_view(const Tensor& v, const Tensor& x) {
 variable_list differentiable_backward(const Tensor& gy, const Tensor& gmean, const Tensor& gvar,
                                       const Tensor& saved, const Tensor& w, const Tensor& b,
                                       const Tensor& mean, const Tensor& var, double eps,
-                                      int64_t mode, double slope) {
+                                      int64_t mode, double slope, int64_t act) {
   const int64_t C = saved.size(1);
   const double m = double(saved.numel() / C);
   std::vector<int64_t> dims = {0};
@@ -957,6 +1074,9 @@ variable_list differentiable_backward(const Tensor& gy, const Tensor& gmean, con
       if (mode == SAVED_X_ACT) {
         const Tensor pos = channel_view(gamma, s) * x_hat + channel_view(beta, s) > 0;
         dz = at::where(pos, dz, dz * slope);
+      } else if (mode == SAVED_X_GEN) {
+        dz = dz * act_slope_aten(act, channel_view(gamma, s) * x_hat + channel_view(beta, s),
+                                 slope);
       }
     }
   }
@@ -1008,7 +1128,10 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     if (run.count.defined()) count_batch(run.count);
     int64_t mode = SAVED_X;
     double bslope = 1.0;
-    if (act != ACT_NONE || save != SAVE_INPUT) {
+    if (act > ACT_LEAKY) {  // smooth or bounded: keep x, recompute z and act'(z) in backward
+      mode = SAVED_X_GEN;
+      bslope = slope;
+    } else if (act != ACT_NONE || save != SAVE_INPUT) {
       if (save == SAVE_AUTO) {
         if (act == ACT_RELU) {
           save = SAVE_INPUT;
@@ -1026,6 +1149,7 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["slope"] = bslope;
+    ctx->saved_data["act"] = act;
     ctx->set_materialize_grads(false);
     return {y, mean, var};
   }
@@ -1045,6 +1169,7 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
       return out;
     const int64_t mode = ctx->saved_data["mode"].toInt();
     const double slope = ctx->saved_data["slope"].toDouble();
+    const int64_t act = ctx->saved_data["act"].toInt();
     Tensor dx, dgamma, dbeta;
     const double eps = ctx->saved_data["eps"].toDouble();
     // Batched gradients (autograd.grad(is_grads_batched=True) runs this under vmap) have no
@@ -1052,11 +1177,11 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     const bool batched = gy.defined() && !gy.has_storage();
     if (at::GradMode::is_enabled() || gmean.defined() || gvar.defined() || batched) {
       auto g = differentiable_backward(gy, gmean, gvar, saved[0], w, b, saved[3], saved[4], eps,
-                                       mode, slope);
+                                       mode, slope, act);
       dx = g[0], dgamma = g[1], dbeta = g[2];
     } else {  // the kernels: two passes over (dy, saved)
       std::tie(dx, dgamma, dbeta) = backward_act(
-          gy, saved[0], saved[3], saved[4], w, b, eps, mode, slope,
+          gy, saved[0], saved[3], saved[4], w, b, eps, mode, slope, act,
           w.defined() ? w.scalar_type() : at::kDouble, b.defined() ? b.scalar_type() : at::kDouble);
     }
     if (need_x) out[0] = dx;
@@ -1087,6 +1212,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_op(
     const std::optional<Tensor>& nbt, bool training, double momentum, double eps, int64_t act,
     double slope, int64_t save) {
   check_supported(x, "input");
+  TORCH_CHECK_VALUE(act >= ACT_NONE && act <= ACT_LAST, "batchnorm::batch_norm: act must be 0-",
+                    ACT_LAST, ", got ", act);
   const int64_t C = x.size(1);
   check_vector(w, C, "weight");
   check_vector(b, C, "bias");

@@ -12,6 +12,9 @@ input and ReLU's output). The fused op keeps one:
 - ``relu``: the INPUT x. ReLU is not invertible: where y = 0, x̂ is lost, yet dL/dx_i there is
   −γ/σ·(mean(dz) + x̂_i·mean(dz·x̂)) ≠ 0 (x_i still moves μ_B and σ²_B). Backward recomputes
   z = γ x̂ + β from x for the mask, so memory is still one tensor (PyTorch keeps two).
+- ``relu6``, ``silu`` (``swish``), ``hardswish``, ``hardsigmoid``, ``gelu``, ``gelu_tanh``,
+  ``elu`` (with ``alpha``), ``mish``, ``sigmoid``, ``tanh``: the INPUT x, like ReLU; backward
+  recomputes z and act'(z) with torch's own formulas and branch points.
 
 Outside the fast path (tracing, scripting, transforms, other devices: ``ops/op.py``) the layer
 runs torch's kernel followed by the activation, exactly ``torch.nn.BatchNorm2d`` + ``nn.ReLU``.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -45,7 +49,10 @@ class _BatchNormAct(BatchNormBase):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        alpha: float = 1.0,
     ) -> None:
+        activation = {"swish": "silu"}.get(activation, activation)
         if activation not in op.ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {sorted(op.ACTIVATIONS)}, got {activation!r}"
@@ -57,22 +64,50 @@ class _BatchNormAct(BatchNormBase):
                 f"negative_slope must be > 0 for leaky_relu (the output is inverted in backward), "
                 f"got {negative_slope!r}; use activation='relu' for a slope of 0"
             )
+        if activation == "elu" and not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise ValueError(f"alpha must be a number > 0 for elu, got {alpha!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.activation = activation
         self.negative_slope = float(negative_slope)
+        self.alpha = float(alpha)
 
     def extra_repr(self) -> str:
-        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
-        return f"{super().extra_repr()}, activation={self.activation!r}{slope}"
+        extra = {"leaky_relu": f", negative_slope={self.negative_slope}",
+                 "elu": f", alpha={self.alpha}"}.get(self.activation, "")
+        return f"{super().extra_repr()}, activation={self.activation!r}{extra}"
 
     def _act(self) -> tuple[int, float]:
-        return op.ACTIVATIONS[self.activation], self.negative_slope
+        """(C++ code, its parameter: leaky ReLU's slope or ELU's alpha)."""
+        return op.ACTIVATIONS[self.activation], (
+            self.alpha if self.activation == "elu" else self.negative_slope)
 
     def _activate(self, y: Tensor) -> Tensor:
-        if self.activation == "relu":
+        """torch's own activation modules' functions (scriptable): the torch path's numbers."""
+        a = self.activation
+        if a == "relu":
             return F.relu(y)
-        if self.activation == "leaky_relu":
+        if a == "leaky_relu":
             return F.leaky_relu(y, self.negative_slope)
+        if a == "relu6":
+            return F.relu6(y)
+        if a == "silu":
+            return F.silu(y)
+        if a == "hardswish":
+            return F.hardswish(y)
+        if a == "hardsigmoid":
+            return F.hardsigmoid(y)
+        if a == "gelu":
+            return F.gelu(y)
+        if a == "gelu_tanh":
+            return F.gelu(y, approximate="tanh")
+        if a == "elu":
+            return F.elu(y, self.alpha)
+        if a == "mish":
+            return F.mish(y)
+        if a == "sigmoid":
+            return torch.sigmoid(y)
+        if a == "tanh":
+            return torch.tanh(y)
         return y
 
 

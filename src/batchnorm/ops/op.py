@@ -38,7 +38,12 @@ from torch import Tensor
 from . import native
 
 BACKENDS = ("auto", "torch")
-ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2}  # the C++ ACT_* codes
+# The C++ ACT_* codes. ReLU, leaky ReLU and identity are piecewise linear (backward from a mask, or
+# from the inverted output); the others keep x and recompute act'(z) in backward.
+ACTIVATIONS = {
+    "identity": 0, "relu": 1, "leaky_relu": 2, "relu6": 3, "silu": 4, "hardswish": 5,
+    "hardsigmoid": 6, "gelu": 7, "gelu_tanh": 8, "elu": 9, "mish": 10, "sigmoid": 11, "tanh": 12,
+}
 SAVE_AUTO, SAVE_INPUT = 0, 1  # backward keeps y when it can be inverted (else x); always x
 
 

@@ -72,16 +72,23 @@ _TO_FUSED: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def _activation_of(m: nn.Module) -> tuple[str, float] | None:
-    """(activation, negative_slope) of a ``BatchNormAct`` equal to ``m``, or None if there is none
-    (a LeakyReLU with a negative slope is not invertible, so it stays separate)."""
-    if type(m) is nn.ReLU:
-        return "relu", 0.01
+def _activation_of(m: nn.Module) -> tuple[str, dict[str, float]] | None:
+    """(activation, its keyword arguments) of a ``BatchNormAct`` equal to module ``m``, or None if
+    there is none (a LeakyReLU with a negative slope is not invertible, so it stays separate)."""
+    simple = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
+              nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish", nn.Sigmoid: "sigmoid",
+              nn.Tanh: "tanh"}
+    if type(m) in simple:
+        return simple[type(m)], {}
+    if type(m) is nn.GELU:
+        return ("gelu_tanh" if m.approximate == "tanh" else "gelu"), {}
+    if type(m) is nn.ELU:
+        return "elu", {"alpha": float(m.alpha)}
     if type(m) is nn.LeakyReLU:
         if m.negative_slope == 0:
-            return "relu", 0.01
+            return "relu", {}
         if m.negative_slope > 0:
-            return "leaky_relu", float(m.negative_slope)
+            return "leaky_relu", {"negative_slope": float(m.negative_slope)}
     return None
 
 
@@ -91,8 +98,9 @@ def _has_hooks(m: nn.Module) -> bool:
 
 
 def fuse_bn_act(module: nn.Module) -> nn.Module:
-    """Replace each BN layer followed by ``nn.ReLU`` or ``nn.LeakyReLU`` inside an ``nn.Sequential``
-    with one ``BatchNormAct1d/2d``, in place; returns the model.
+    """Replace each BN layer followed by an activation module that ``BatchNormAct`` fuses (ReLU,
+    LeakyReLU with a slope ≥ 0, ReLU6, SiLU, Hardswish, Hardsigmoid, GELU, ELU, Mish, Sigmoid,
+    Tanh) inside an ``nn.Sequential`` with one ``BatchNormAct1d/2d``, in place; returns the model.
 
     The fused layer computes the same values, saves one activation-sized tensor for backward
     instead of two, and skips the activation's own passes (a read and a write forward, two reads
@@ -118,7 +126,6 @@ def fuse_bn_act(module: nn.Module) -> nn.Module:
             spec = _activation_of(act) if act is not None else None
             if fused_cls is None or spec is None or _has_hooks(bn) or _has_hooks(act):
                 continue
-            seq._modules[name] = _copy_layer(bn, fused_cls, activation=spec[0],
-                                             negative_slope=spec[1])
+            seq._modules[name] = _copy_layer(bn, fused_cls, activation=spec[0], **spec[1])
             seq._modules[nxt] = nn.Identity()
     return module

@@ -93,9 +93,14 @@ def _activation_of(bn: nn.Module) -> nn.Module | None:
     act = getattr(bn, "activation", None)  # only BatchNormAct1d/2d among the known types
     if act is None or act == "identity":
         return None
-    if act == "relu":
-        return nn.ReLU()
-    return nn.LeakyReLU(bn.negative_slope)
+    modules = {
+        "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(bn.negative_slope),
+        "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish,
+        "hardsigmoid": nn.Hardsigmoid, "gelu": nn.GELU,
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "elu": lambda: nn.ELU(bn.alpha),
+        "mish": nn.Mish, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    }
+    return modules[act]()  # a new name in op.ACTIVATIONS without an entry here: KeyError
 
 
 def _fold_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
