@@ -180,3 +180,50 @@ def test_fuse_bn_act_keeps_pairs_with_hooks_and_sequentials_with_their_own_forwa
     batchnorm.fuse_bn_act(model)
     assert type(model[0][0]) is nn.BatchNorm2d and type(model[1][0]) is nn.BatchNorm2d
     assert type(model[2][0]) is batchnorm.BatchNormAct2d and type(model[2][1]) is nn.Identity
+
+
+# ------------------------------------------------------------------ timm's BatchNormAct2d
+class TimmStyleBatchNormAct2d(nn.BatchNorm2d):
+    """The structure of timm.layers.norm_act.BatchNormAct2d (timm is not a test dependency):
+    torch's BN forward, then ``self.drop``, then ``self.act``."""
+
+    def __init__(self, c, act=None, drop=None):
+        super().__init__(c)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+TimmStyleBatchNormAct2d.__module__ = "timm.layers.norm_act"
+TimmStyleBatchNormAct2d.__name__ = TimmStyleBatchNormAct2d.__qualname__ = "BatchNormAct2d"
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.SiLU(), nn.Hardswish(),
+                                 nn.GELU(approximate="tanh"), nn.Identity()])
+def test_convert_model_takes_timms_bn_act_exactly(act):
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), TimmStyleBatchNormAct2d(4, act))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), TimmStyleBatchNormAct2d(4, act))
+    with torch.no_grad():
+        ref[1].weight.uniform_(0.5, 1.5), ref[1].bias.uniform_(-1, 1)
+    model.load_state_dict(ref.state_dict())
+    keys, weight = list(model.state_dict()), model[1].weight
+    batchnorm.convert_model(model)
+    assert type(model[1]) is batchnorm.BatchNormAct2d and model[1].weight is weight
+    assert list(model.state_dict()) == keys
+    x = torch.randn(6, 3, 6, 6)
+    for training in (True, False):
+        model.train(training), ref.train(training)
+        torch.testing.assert_close(model(x), ref(x))
+    ref.load_state_dict(model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("layer", [TimmStyleBatchNormAct2d(4, nn.Softplus()),
+                                   TimmStyleBatchNormAct2d(4, drop=nn.Dropout(0.1))],
+                         ids=["unknown_act", "dropout"])
+def test_convert_model_leaves_a_timm_bn_act_it_cannot_copy(layer):
+    model = nn.Sequential(layer)
+    batchnorm.convert_model(model)
+    assert model[0] is layer

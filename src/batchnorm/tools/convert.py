@@ -47,22 +47,39 @@ def _copy_layer(old: nn.Module, new_cls: type[nn.Module], **extra: Any) -> nn.Mo
     return share_state(old, new)
 
 
-def _convert(module: nn.Module, table: dict[type[nn.Module], type[nn.Module]]) -> nn.Module:
-    return replace_modules(
-        module, lambda m: _copy_layer(m, table[type(m)]) if type(m) in table else None
-    )
+def _timm_bn_act(m: nn.Module) -> nn.Module | None:
+    """timm's ``BatchNormAct2d`` as our ``BatchNormAct2d``, or None if ``m`` is not one we can
+    copy exactly. Its forward is torch's BN, then ``self.drop``, then ``self.act``; we take it when
+    ``drop`` is ``nn.Identity`` and ``act`` is ``nn.Identity`` or an activation module we fuse
+    (``fuse_bn_act``'s list), with no hooks anywhere. Its state_dict keys are BN's, so ours loads
+    the same checkpoints."""
+    cls = type(m)
+    if cls.__name__ != "BatchNormAct2d" or not cls.__module__.startswith("timm."):
+        return None
+    drop, act = getattr(m, "drop", None), getattr(m, "act", None)
+    if type(drop) is not nn.Identity or not isinstance(act, nn.Module):
+        return None
+    spec = ("identity", {}) if type(act) is nn.Identity else _activation_of(act)
+    if spec is None or any(_has_hooks(x) for x in (m, drop, act)) or list(m._modules) != [
+            "drop", "act"]:
+        return None
+    return _copy_layer(m, BatchNormAct2d, activation=spec[0], **spec[1])
 
 
 def convert_model(module: nn.Module, to: str = "batchnorm") -> nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``LazyBatchNorm1d/2d/3d`` with ours
     (``to="batchnorm"``) or ours with torch's (``to="torch"``), in place, returning the model (a
     new object if ``module`` itself was a BN layer). Exact types only: other subclasses may add
-    behaviour we cannot copy, and are left alone.
+    behaviour we cannot copy, and are left alone. One exception is understood exactly: timm's
+    ``BatchNormAct2d`` (BN, dropout, activation) becomes our fused ``BatchNormAct2d`` when its
+    dropout is off and its activation is one we fuse (see :func:`_timm_bn_act`).
     """
     if to == "batchnorm":
-        return _convert(module, _TO_OURS)
+        return replace_modules(module, lambda m: _copy_layer(m, _TO_OURS[type(m)])
+                               if type(m) in _TO_OURS else _timm_bn_act(m))
     if to == "torch":
-        return _convert(module, _TO_TORCH)
+        return replace_modules(module, lambda m: _copy_layer(m, _TO_TORCH[type(m)])
+                               if type(m) in _TO_TORCH else None)
     raise ValueError(f"to must be 'batchnorm' or 'torch', got {to!r}")
 
 
