@@ -63,7 +63,7 @@ def test_conv_bn_fold_equals_eval_model(dim, groups, bias, ours, affine, seed):
 def test_linear_bn_fold_and_nested_modules(bias):
     gen = torch.Generator().manual_seed(3)
 
-    class Block(nn.Module):  # BN wired in forward(): not "directly following" → ChannelAffine
+    class Block(nn.Module):  # BN wired in forward(): found in the fx graph, folded into fc
         def __init__(self):
             super().__init__()
             self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
@@ -75,7 +75,76 @@ def test_linear_bn_fold_and_nested_modules(bias):
                           nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))).double()
     _randomize_bn(model, gen)
     folded = _check(model, torch.randn(4, 7, dtype=torch.float64, generator=gen))
-    assert isinstance(folded[3].bn, ChannelAffine) and isinstance(folded[4][1], nn.Identity)
+    assert isinstance(folded[3].bn, nn.Identity) and isinstance(folded[4][1], nn.Identity)
+    assert type(folded[3]) is Block  # the model's own classes and forward are kept
+
+
+class _Basic(nn.Module):
+    """A ResNet basic block: BN inside forward, a shared ReLU, a conv+BN shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.down(x))
+
+
+def test_fold_residual_blocks_completely():
+    gen = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          _Basic(4, 8, 2), _Basic(8, 8, 1)).double()
+    _randomize_bn(model, gen)
+    folded = _check(model, torch.randn(2, 3, 10, 10, dtype=torch.float64, generator=gen))
+    assert not any(isinstance(m, ChannelAffine) for m in folded.modules())  # all 7 in a conv
+
+
+def test_fold_leaves_a_conv_whose_output_is_also_used_elsewhere():
+    class Tap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # folding the BN into conv would change the second use
+
+    gen = torch.Generator().manual_seed(8)
+    model = Tap().double()
+    _randomize_bn(model, gen)
+    folded = _check(model, torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=gen))
+    assert isinstance(folded.bn, ChannelAffine) and type(folded.conv) is nn.Conv2d
+
+
+def test_fold_falls_back_to_sequential_adjacency_when_the_model_does_not_trace():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: fx cannot trace it
+                x = -x
+            return self.bn(self.conv(self.body(x)))
+
+    gen = torch.Generator().manual_seed(9)
+    model = Branchy().double()
+    _randomize_bn(model, gen)
+    folded = _check(model, torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=gen))
+    assert isinstance(folded.body[1], nn.Identity) and isinstance(folded.bn, ChannelAffine)
+
+
+def test_channel_affine_keeps_bfloat16():
+    layer = nn.BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4).bfloat16()
+    assert fold_batchnorm(nn.Sequential(nn.ReLU(), layer))(x).dtype == torch.bfloat16
 
 
 def test_fold_float32_within_tolerance_and_bn_without_running_stats_left_alone():

@@ -16,21 +16,26 @@ types). Any other subclass (timm's ``BatchNormAct2d`` applies an activation and 
 inside its forward; a user's subclass may do anything) is left exactly as it was, and a
 ``UserWarning`` names each one: a tool must not fold half of a layer it does not understand.
 
-"Directly follows" means: adjacent children of an ``nn.Sequential`` (a Conv/Linear child at index
-i, the BN at i + 1). Layers wired together in a custom ``forward`` are not traced; their BN
-layers become ChannelAffine, which gives the same output at a little more cost. A Linear before
-a BN is folded for (N, C) activations, where the Linear's outputs are the BN's channels. BN layers
-without running statistics (``track_running_stats=False`` normalize with batch statistics even
-in eval) are left as they are.
+Which BN takes a layer's output alone is read from the model's ``torch.fx`` graph (BN layers kept
+as leaves): a BN whose only input is a Conv/Linear's output, where that output goes nowhere else
+and each module is called once, folds into it, in ``nn.Sequential``s and custom ``forward``s
+(residual blocks, shortcuts) alike. A model fx cannot trace (data-dependent control flow) falls
+back to adjacent children of an ``nn.Sequential``. Every other BN becomes ChannelAffine, which
+gives the same output at a little more cost. Only submodules are replaced: the copy keeps the
+model's classes and ``forward``. A Linear before a BN is folded for (N, C) activations, where
+the Linear's outputs are the BN's channels. BN layers without running statistics
+(``track_running_stats=False`` normalize with batch statistics even in eval) are left as they
+are.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..ops import reference
 
@@ -46,7 +51,8 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * reference.channel_view(self.scale, x) + reference.channel_view(self.shift, x)
+        y = x * reference.channel_view(self.scale, x) + reference.channel_view(self.shift, x)
+        return y.to(x.dtype)  # bfloat16 activations stay bfloat16, as through the BN layer
 
     def extra_repr(self) -> str:
         return f"{self.scale.shape[0]}"
@@ -130,32 +136,59 @@ def _can_fold(prev: nn.Module | None, bn: nn.Module) -> bool:
     return out == bn.num_features
 
 
-def _fold(module: nn.Module, prefix: str, left: list[str]) -> None:
-    names = list(module._modules)
-    for i, name in enumerate(names):
-        child = module._modules[name]
-        if child is None:
+class _BNLeafTracer(fx.Tracer):
+    """torch.fx's tracer, with every BN-like layer kept as one ``call_module`` node (ours are not
+    under ``torch.nn``, so fx would trace into them)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _is_bn_like(m) or super().is_leaf_module(m, qualname)
+
+
+def _graph_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
+    """(layer, bn) qualified names where the BN's only input is the Conv/Linear's output and that
+    output goes nowhere else, each module called once: found in the model's fx graph, so residual
+    blocks and other custom ``forward``s count. None when the model does not trace."""
+    try:
+        graph = _BNLeafTracer().trace(model)
+    except Exception:  # data-dependent control flow, untraceable ops: the module walk instead
+        return None
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = []
+    for n in graph.nodes:
+        if n.op != "call_module" or len(n.args) != 1 or n.kwargs:
             continue
-        if not _is_bn(child):
-            if _is_bn_like(child) and type(child) not in _known_types():
-                left.append(f"{prefix}{name} ({type(child).__name__})")
-                continue  # not understood: left as it is, not descended into
-            _fold(child, f"{prefix}{name}.", left)
+        prev = n.args[0]
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1):
             continue
-        prev_name = names[i - 1] if i > 0 else None
-        prev = module._modules[prev_name] if prev_name is not None else None
-        if isinstance(module, nn.Sequential) and _can_fold(prev, child):
-            module._modules[prev_name] = _fold_into(prev, child)
-            act = _activation_of(child)
-            module._modules[name] = act if act is not None else nn.Identity()
-        else:
-            module._modules[name] = _replacement(child)
+        if calls[n.target] != 1 or calls[prev.target] != 1:
+            continue  # a module called twice: folding it would change its other call too
+        bn, layer = model.get_submodule(n.target), model.get_submodule(prev.target)
+        if _is_bn(bn) and _can_fold(layer, bn):
+            pairs.append((prev.target, n.target))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(layer, bn) names of adjacent children of an ``nn.Sequential``: there the order of the
+    children is the data flow (the fallback for models fx cannot trace)."""
+    pairs = []
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:], strict=False):
+            if _is_bn(seq._modules[b]) and _can_fold(seq._modules[a], seq._modules[b]):
+                pairs.append((f"{prefix}.{a}" if prefix else a, f"{prefix}.{b}" if prefix else b))
+    return pairs
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with every BN folded into the Conv/Linear it directly follows
-    (in an ``nn.Sequential``) or turned into a per-channel affine; ``model`` is not changed.
-    BN subclasses of unknown behaviour are left as they are, with a warning naming them.
+    """An eval-mode copy of ``model`` with every BN folded into the Conv/Linear whose output it
+    alone takes (found in the model's ``torch.fx`` graph, so residual blocks fold too; in
+    ``nn.Sequential`` adjacency when the model does not trace) or turned into a per-channel
+    affine; ``model`` is not changed. The copy keeps the model's class and ``forward``: only
+    submodules are replaced. BN subclasses of unknown behaviour are left as they are, with a
+    warning naming them.
 
     The copy's outputs equal ``model.eval()``'s within float rounding (the fold is computed in
     float64 and stored in each layer's dtype).
@@ -165,11 +198,19 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     folded = copy.deepcopy(model).eval()
     if _is_bn(folded):
         return _replacement(folded).eval()
-    left: list[str] = []
-    if _is_bn_like(folded) and type(folded) not in _known_types():
-        left.append(type(folded).__name__)
-    else:
-        _fold(folded, "", left)
+    left = [f"{name or '<model>'} ({type(m).__name__})" for name, m in folded.named_modules()
+            if _is_bn_like(m) and type(m) not in _known_types()]
+    pairs = _graph_pairs(folded)
+    if pairs is None:
+        pairs = _sequential_pairs(folded)
+    for layer_name, bn_name in pairs:
+        bn = folded.get_submodule(bn_name)
+        folded.set_submodule(layer_name, _fold_into(folded.get_submodule(layer_name), bn))
+        act = _activation_of(bn)
+        folded.set_submodule(bn_name, act if act is not None else nn.Identity())
+    for name, m in list(folded.named_modules()):
+        if name and _is_bn(m):  # a BN no layer takes in: y = s·x + t on its own
+            folded.set_submodule(name, _replacement(m))
     if left:
         warnings.warn(
             f"fold_batchnorm left {len(left)} BN layer(s) as they were, because their forward is "
