@@ -189,12 +189,11 @@ def batch_norm(
     ``momentum=None`` averages cumulatively and requires ``num_batches_tracked`` (incremented here
     in training, as the layers do).
     """
-    if isinstance(input, torch.fx.Proxy):  # torch.fx tracing: record torch's op
-        return op.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
-                                   momentum, eps, num_batches_tracked)
-    check_eps(eps, training)
-    check_input(input, training=training)
-    if input.dim() < 2:  # empty (0,): torch's kernel defines the result
+    proxy = isinstance(input, torch.fx.Proxy)  # torch.fx tracing: record torch's op
+    if not proxy:
+        check_eps(eps, training)
+        check_input(input, training=training)
+    if proxy or input.dim() < 2:  # (an empty (0,) input: torch's kernel defines the result)
         return op.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
                                    momentum, eps, num_batches_tracked)
     c = input.shape[1]
