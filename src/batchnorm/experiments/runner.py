@@ -282,8 +282,8 @@ def prepare_run_dir(
             except (OSError, ValueError):
                 saved = None
         if not isinstance(saved, dict) or saved.get("experiment") != name:
-            what = f"a {saved.get('experiment')!r} run" if isinstance(saved, dict) else \
-                "files that are not a run of this package"
+            what = f"a {saved['experiment']!r} run" if isinstance(saved, dict) and \
+                saved.get("experiment") else "files that are not a run of this package"
             raise RunDirError(
                 f"--out {out} is not empty and holds {what}, not a {name!r} run; nothing was "
                 f"changed. Choose a new or empty --out directory."
