@@ -7,7 +7,9 @@ Prints, per shape: torch.nn time, ours, speed-up, achieved GB/s (passes × bytes
 rate as a fraction of the measured copy bandwidth, for BN forward, BN forward+backward, and
 BN+ReLU forward+backward (fused ``BatchNormAct``) vs ``nn.BatchNorm2d`` + ``nn.ReLU``; bytes kept
 for backward per activation (``saved_tensors_hooks``); page faults per step; and a LeNet-style
-training step at batch 128 with and without BN. Times are medians of ``--repeats`` runs.
+training step at batch 128 with and without BN; and a whole training step of ResNet-18 and
+MobileNetV3-Small (``nets.py``) at batch 32, 112×112, with torch.nn's BN, ours, and none. Times are
+medians of ``--repeats`` runs.
 Unless ``--no-warm`` is given, the table is repeated in a child process with glibc's
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised (see docs/performance.md).
 """
@@ -15,11 +17,13 @@ Unless ``--no-warm`` is given, the table is repeated in a child process with gli
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -209,6 +213,70 @@ def bench_lenet(repeats: int) -> dict[str, tuple[float, float, float, float, flo
     return out
 
 
+def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
+    """A whole training step (forward, backward, SGD) of ResNet-18 and MobileNetV3-Small
+    (``benchmarks/nets.py``) with torch.nn's BN, with ours (``convert_model`` + ``fuse_bn_act``),
+    and with every BN replaced by ``nn.Identity`` (the limit). Steps are timed round by round in
+    rotating order; medians."""
+    from batchnorm.layers.base import replace_modules
+
+    spec = importlib.util.spec_from_file_location("bench_nets", Path(__file__).with_name("nets.py"))
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    NETS = nets.NETS  # noqa: N806
+
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+    rows = []
+    for name, build in NETS.items():
+        variants = {}
+        for v in ("none", "torch", "ours"):
+            torch.manual_seed(0)
+            model = build()
+            if v == "ours":
+                model = B.fuse_bn_act(B.convert_model(model))
+            elif v == "none":
+                model = replace_modules(
+                    model, lambda m: nn.Identity() if isinstance(m, nn.BatchNorm2d) else None)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+
+            step()
+            variants[v] = step
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        names = list(variants)
+        for r in range(repeats):
+            for v in names[r % 3:] + names[:r % 3]:
+                t0 = time.perf_counter()
+                variants[v]()
+                times[v].append(time.perf_counter() - t0)
+        med = {v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}
+        fused = sum(isinstance(m, (B.BatchNormAct1d, B.BatchNormAct2d))
+                    for m in B.fuse_bn_act(B.convert_model(build())).modules())
+        n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in build().modules())
+        rows.append(dict(net=name, fused=f"{fused} of {n_bn}",
+                         **{f"{v}_ms": t * 1e3 for v, t in med.items()},
+                         torch_share=med["torch"] / med["none"] - 1,
+                         ours_share=med["ours"] / med["none"] - 1))
+    return rows
+
+
+def print_nets(rows, batch: int, size: int) -> None:
+    print(f"\nWhole-model CPU training step, batch {batch} at {size}x{size}: median ms; BN's share "
+          f"= step with BN / step with BN removed - 1")
+    print("| net | no BN ms | torch.nn ms | ours ms | BN share torch.nn | BN share ours | ours / "
+          "torch share | BN layers fused |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['net']} | {r['none_ms']:.1f} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | "
+              f"{r['torch_share'] * 100:+.1f}% | {r['ours_share'] * 100:+.1f}% | "
+              f"{r['ours_share'] / r['torch_share']:.2f} | {r['fused']} |")
+
+
 def print_table(rows, bw, lenet, title) -> None:
     print(f"\n## {title}")
     print(f"copy bandwidth (dst.copy_(src), 51 MB, read+write): {bw:.1f} GB/s; "
@@ -248,6 +316,9 @@ def main(argv=None) -> None:
     lenet = bench_lenet(repeats)
     title = "raised malloc thresholds (warm allocator)" if warm else "default allocator"
     print_table(rows, bw, lenet, title)
+    if not warm:  # the whole-model table once, under the default allocator
+        batch, size = (4, 56) if args.quick else (32, 112)
+        print_nets(bench_nets(max(3, repeats // 2 * 2 + 1), batch, size), batch, size)
     if warm:
         fb = [r for r in rows if r["case"] == "fwd+bwd"]
         for r in fb:

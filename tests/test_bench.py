@@ -50,3 +50,21 @@ def test_quick_run_prints_every_table_row(bench, capsys):
     for variant in ("none", "torch", "ours", "ours fused"):
         assert f"\n| {variant} | " in out
     assert "default allocator" in out and "eight-pass bound" not in out  # --no-warm: no child
+    for net in ("resnet18", "mobilenet_v3_small"):
+        assert f"\n| {net} | " in out
+
+
+def test_benchmark_nets_are_torchvisions_architectures():
+    """Parameter and BN counts of torchvision's resnet18 and mobilenet_v3_small (published:
+    11,689,512 and 2,542,856 parameters); outputs of the right shape; our tools convert them."""
+    spec = importlib.util.spec_from_file_location("bench_nets", RUN.with_name("nets.py"))
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    for name, params, bns, fusable in (("resnet18", 11_689_512, 20, 1),
+                                       ("mobilenet_v3_small", 2_542_856, 34, 23)):
+        model = nets.NETS[name]()
+        assert sum(p.numel() for p in model.parameters()) == params
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+        B.fuse_bn_act(B.convert_model(model))
+        assert sum(isinstance(m, B.BatchNormAct2d) for m in model.modules()) == fusable
