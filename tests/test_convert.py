@@ -227,3 +227,57 @@ def test_convert_model_leaves_a_timm_bn_act_it_cannot_copy(layer):
     model = nn.Sequential(layer)
     batchnorm.convert_model(model)
     assert model[0] is layer
+
+
+# ------------------------------------------------------------------ fuse_bn_act in the fx graph
+class _ResBlock(nn.Module):
+    """torchvision's BasicBlock wiring: BN inside forward, one ReLU module shared by two calls."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class _Functional(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.tap = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.nn.functional.relu(self.bn(self.conv(x)))
+        z = self.tap(y)
+        return z.relu() + z  # tap's output also goes elsewhere: not fused
+
+
+def test_fuse_bn_act_in_the_graph_of_residual_and_functional_blocks():
+    torch.manual_seed(0)
+    ref = nn.Sequential(_ResBlock(4), _ResBlock(4), _Functional(4))
+    model = nn.Sequential(_ResBlock(4), _ResBlock(4), _Functional(4))
+    model.load_state_dict(ref.state_dict())
+    keys, weight = list(model.state_dict()), model[0].bn1.weight
+    fused = batchnorm.fuse_bn_act(model)
+    kinds = {n: type(m) for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert kinds == {"0.bn1": batchnorm.BatchNormAct2d, "0.bn2": nn.BatchNorm2d,
+                     "1.bn1": batchnorm.BatchNormAct2d, "1.bn2": nn.BatchNorm2d,
+                     "2.bn": batchnorm.BatchNormAct2d, "2.tap": nn.BatchNorm2d}
+    assert list(fused.state_dict()) == keys and fused.get_submodule("0.bn1").weight is weight
+    assert isinstance(fused, torch.fx.GraphModule) and type(model[0].bn1) is nn.BatchNorm2d
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    for training in (True, False):
+        fused.train(training), ref.train(training)
+        out, want = fused(x), ref(x2)
+        torch.testing.assert_close(out, want)
+        out.square().sum().backward(), want.square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for (n, a), (_, b) in zip(fused.named_buffers(), ref.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=n)
+    model.eval()  # the original object (its modules shared): the same values still
+    torch.testing.assert_close(model(x), ref(x2))

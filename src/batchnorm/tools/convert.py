@@ -6,9 +6,12 @@ an optimizer built before the conversion keeps working and no values change.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..layers import (
@@ -23,6 +26,7 @@ from ..layers import (
     LazyBatchNorm3d,
 )
 from ..layers.base import replace_modules, share_state
+from .graph import trace
 
 _TO_OURS: dict[type[nn.Module], type[BatchNormBase]] = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -114,24 +118,79 @@ def _has_hooks(m: nn.Module) -> bool:
                 or m._backward_pre_hooks)
 
 
+_FUNCTIONAL_RELU = (F.relu, torch.relu, torch.relu_)
+
+
+def _graph_activation(node: fx.Node, bn_node: fx.Node, root: nn.Module):
+    """(activation, kwargs) when ``node`` applies an activation we fuse to ``bn_node``'s output
+    alone: an activation module (shared or not, without hooks), or ``F.relu``/``torch.relu``/
+    ``.relu()``; else None."""
+    if node.args[:1] != (bn_node,) or len(node.args) != 1:
+        return None
+    if node.op == "call_module":
+        act = root.get_submodule(node.target)
+        return None if _has_hooks(act) else _activation_of(act)
+    if node.op == "call_function" and node.target in _FUNCTIONAL_RELU and set(node.kwargs) <= {
+            "inplace"}:
+        return "relu", {}
+    if node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs:
+        return "relu", {}
+    return None
+
+
+def _fuse_in_graph(module: nn.Module) -> nn.Module:
+    """The model's fx graph with each remaining BN → activation pair fused (the activation's
+    call removed, the BN swapped for a fused layer): a ``GraphModule`` sharing the model's
+    modules and state_dict keys, or ``module`` itself when there is nothing to fuse there."""
+    graph = trace(module)
+    if graph is None:
+        return module
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
+            continue
+        bn = gm.get_submodule(node.target)
+        fused_cls = _TO_FUSED.get(type(bn))
+        (user,) = node.users
+        spec = _graph_activation(user, node, gm) if fused_cls is not None else None
+        if spec is None or _has_hooks(bn):
+            continue
+        gm.set_submodule(node.target, _copy_layer(bn, fused_cls, activation=spec[0], **spec[1]))
+        user.replace_all_uses_with(node)
+        gm.graph.erase_node(user)
+        changed = True
+    if not changed:
+        return module
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def fuse_bn_act(module: nn.Module) -> nn.Module:
-    """Replace each BN layer followed by an activation module that ``BatchNormAct`` fuses (ReLU,
-    LeakyReLU with a slope ≥ 0, ReLU6, SiLU, Hardswish, Hardsigmoid, GELU, ELU, Mish, Sigmoid,
-    Tanh) inside an ``nn.Sequential`` with one ``BatchNormAct1d/2d``, in place; returns the model.
+    """Fuse each BN layer followed by an activation that ``BatchNormAct`` takes (ReLU, LeakyReLU
+    with a slope ≥ 0, ReLU6, SiLU, Hardswish, Hardsigmoid, GELU, ELU, Mish, Sigmoid, Tanh) into
+    one ``BatchNormAct1d/2d``; returns the model. Use the returned object.
 
     The fused layer computes the same values, saves one activation-sized tensor for backward
     instead of two, and skips the activation's own passes (a read and a write forward, two reads
     and a write backward; see ``layers/act.py``). It shares the BN layer's parameters and buffers
-    (an optimizer built before keeps working), takes the BN's place in the ``Sequential`` and
-    leaves an ``nn.Identity`` in the activation's, so every ``state_dict`` key stays the same and
-    old checkpoints load.
+    (an optimizer built before keeps working).
 
-    Only children of an ``nn.Sequential`` (or of a subclass that keeps its ``forward``, such as
-    torchvision's ``Conv2dNormActivation``) are fused: there the order of the children is the data
-    flow. Elsewhere (a custom ``forward``) a BN's output might also go somewhere else, so those are
-    left alone; build such models with ``BatchNormAct2d`` directly. Also left alone: BN layers of
-    other types (``BatchNorm3d``, subclasses, the variants) and pairs where either module has
-    hooks, which the fused layer could not honour.
+    1. In place, inside every ``nn.Sequential`` (or a subclass that keeps its ``forward``, such
+       as torchvision's ``Conv2dNormActivation``): the fused layer takes the BN's place and an
+       ``nn.Identity`` the activation's, so every ``state_dict`` key stays the same.
+    2. Then, in the model's ``torch.fx`` graph, each BN whose output goes only into an activation
+       (a module, even one shared with other calls as ResNet's ``relu``, or ``F.relu``): the
+       activation's call is removed from the graph and the BN swapped. When this finds anything,
+       the result is an ``fx.GraphModule`` named like the model, with the same submodules and
+       state_dict keys (its ``forward`` is the edited graph); the original object keeps computing
+       the same values (with only step 1 applied).
+
+    Left alone: BN layers of other types (``BatchNorm3d``, subclasses, the variants), a BN module
+    called twice, a BN output used by anything besides its activation, pairs where either
+    module has hooks, and models fx cannot trace (step 1 only).
     """
     seqs = [m for m in module.modules()
             if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
@@ -145,4 +204,4 @@ def fuse_bn_act(module: nn.Module) -> nn.Module:
                 continue
             seq._modules[name] = _copy_layer(bn, fused_cls, activation=spec[0], **spec[1])
             seq._modules[nxt] = nn.Identity()
-    return module
+    return _fuse_in_graph(module)

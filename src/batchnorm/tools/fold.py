@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..ops import reference
+from .graph import trace
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -136,21 +137,12 @@ def _can_fold(prev: nn.Module | None, bn: nn.Module) -> bool:
     return out == bn.num_features
 
 
-class _BNLeafTracer(fx.Tracer):
-    """torch.fx's tracer, with every BN-like layer kept as one ``call_module`` node (ours are not
-    under ``torch.nn``, so fx would trace into them)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_bn_like(m) or super().is_leaf_module(m, qualname)
-
-
 def _graph_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
     """(layer, bn) qualified names where the BN's only input is the Conv/Linear's output and that
     output goes nowhere else, each module called once: found in the model's fx graph, so residual
     blocks and other custom ``forward``s count. None when the model does not trace."""
-    try:
-        graph = _BNLeafTracer().trace(model)
-    except Exception:  # data-dependent control flow, untraceable ops: the module walk instead
+    graph = trace(model)
+    if graph is None:
         return None
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
