@@ -52,15 +52,16 @@ using torch::autograd::variable_list;
 
 // Activation / saved-tensor codes: the same values as ops/op.py.
 constexpr int ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2;
-// Smooth or bounded activations, applied through act_value / act_slope at run time (the switch is
-// loop-invariant; -O3 unswitches it): slope carries ELU's alpha.
+// Smooth or bounded activations (act_value / act_slope, compiled per activation): slope carries
+// ELU's alpha.
 constexpr int ACT_RELU6 = 3, ACT_SILU = 4, ACT_HARDSWISH = 5, ACT_HARDSIGMOID = 6, ACT_GELU = 7,
               ACT_GELU_TANH = 8, ACT_ELU = 9, ACT_MISH = 10, ACT_SIGMOID = 11, ACT_TANH = 12;
 constexpr int ACT_LAST = ACT_TANH;
-constexpr int ACT_GENERIC = 100;  // template value: the activation code comes at run time
 // Backward reads x, x through a piecewise-linear act (ReLU, leaky ReLU, identity), y, or x
-// through any other act (z recomputed, act'(z) from act_slope).
+// through any other act (z recomputed, act'(z) from act_slope): the kernels' template MODE is
+// then kGen + the activation's code.
 constexpr int SAVED_X = 0, SAVED_X_ACT = 1, SAVED_Y = 2, SAVED_X_GEN = 3;
+constexpr int kGen = 100;
 constexpr int SAVE_AUTO = 0, SAVE_INPUT = 1, SAVE_OUTPUT = 2;
 
 constexpr int64_t kBlock = 4096;           // planes: values per work item (16 KB float32, in L1)
@@ -261,7 +262,6 @@ std::vector<double> as_f64(const Tensor& t, int64_t C, double fill) {
 template <typename T>
 struct Affine {
   std::vector<T> mhi, a, bb;
-  int act = ACT_NONE;  // the activation code, read by the SAVED_X_GEN backward
   Affine(const double* mean, const double* var, const std::vector<double>& w,
          const std::vector<double>& b, double eps, int64_t C)
       : mhi(C), a(C), bb(C) {
@@ -480,9 +480,9 @@ inline T sigmoid(T z) { return T(1) / (T(1) + std::exp(-z)); }
 constexpr double kSqrt1_2 = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794;
 constexpr double kGeluBeta = 0.79788456080286535588, kGeluKappa = 0.044715;  // sqrt(2/π)
 
-template <typename T>
-inline T act_value(int act, T z, T alpha) {
-  switch (act) {
+template <int ACT, typename T>
+inline T act_value(T z, T alpha) {
+  switch (ACT) {
     case ACT_RELU6: return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
     case ACT_SILU: return z * sigmoid(z);
     case ACT_HARDSWISH: return z <= T(-3) ? T(0) : (z >= T(3) ? z : z * (z + T(3)) / T(6));
@@ -498,9 +498,9 @@ inline T act_value(int act, T z, T alpha) {
   }
 }
 
-template <typename T>
-inline T act_slope(int act, T z, T alpha) {  // act'(z)
-  switch (act) {
+template <int ACT, typename T>
+inline T act_slope(T z, T alpha) {  // act'(z)
+  switch (ACT) {
     case ACT_RELU6: return (z > T(0) && z < T(6)) ? T(1) : T(0);
     case ACT_SILU: {
       const T s = sigmoid(z);
@@ -535,16 +535,16 @@ inline T act_slope(int act, T z, T alpha) {  // act'(z)
 }
 
 template <int ACT, typename T>
-inline T activate(T z, T sl, int ract) {
+inline T activate(T z, T sl) {
   if constexpr (ACT == ACT_RELU) return z < T(0) ? T(0) : z;  // NaN stays NaN
   else if constexpr (ACT == ACT_LEAKY) return z < T(0) ? z * sl : z;
-  else if constexpr (ACT == ACT_GENERIC) return act_value(ract, z, sl);
+  else if constexpr (ACT >= ACT_RELU6) return act_value<ACT>(z, sl);
   else return z;
 }
 
 template <typename scalar_t, int ACT>
 void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scalar_t>>& k,
-            double slope, int ract) {
+            double slope) {
   using T = op_t<scalar_t>;
   const T sl = T(slope);
   const int64_t C = g.C, L = g.L;
@@ -556,7 +556,7 @@ void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scal
         scalar_t* yr = y + p * L;
         const T m = k.mhi[c], aa = k.a[c], b0 = k.bb[c];
 #pragma omp simd
-        for (int64_t i = 0; i < L; ++i) yr[i] = scalar_t(activate<ACT>((T(xr[i]) - m) * aa + b0, sl, ract));
+        for (int64_t i = 0; i < L; ++i) yr[i] = scalar_t(activate<ACT>((T(xr[i]) - m) * aa + b0, sl));
       }
     });
     return;
@@ -570,7 +570,7 @@ void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scal
       scalar_t* yr = y + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c)
-        yr[c] = scalar_t(activate<ACT>((T(xr[c]) - mhi[c]) * a[c] + bb[c], sl, ract));
+        yr[c] = scalar_t(activate<ACT>((T(xr[c]) - mhi[c]) * a[c] + bb[c], sl));
     }
   });
 }
@@ -581,10 +581,19 @@ void affine_any(const Tensor& x, Tensor& y, const Geo& g, const Affine<op_t<scal
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
   switch (act) {
-    case ACT_NONE: return affine<scalar_t, ACT_NONE>(xp, yp, g, k, slope, act);
-    case ACT_RELU: return affine<scalar_t, ACT_RELU>(xp, yp, g, k, slope, act);
-    case ACT_LEAKY: return affine<scalar_t, ACT_LEAKY>(xp, yp, g, k, slope, act);
-    default: return affine<scalar_t, ACT_GENERIC>(xp, yp, g, k, slope, act);
+    case ACT_RELU: return affine<scalar_t, ACT_RELU>(xp, yp, g, k, slope);
+    case ACT_LEAKY: return affine<scalar_t, ACT_LEAKY>(xp, yp, g, k, slope);
+    case ACT_RELU6: return affine<scalar_t, ACT_RELU6>(xp, yp, g, k, slope);
+    case ACT_SILU: return affine<scalar_t, ACT_SILU>(xp, yp, g, k, slope);
+    case ACT_HARDSWISH: return affine<scalar_t, ACT_HARDSWISH>(xp, yp, g, k, slope);
+    case ACT_HARDSIGMOID: return affine<scalar_t, ACT_HARDSIGMOID>(xp, yp, g, k, slope);
+    case ACT_GELU: return affine<scalar_t, ACT_GELU>(xp, yp, g, k, slope);
+    case ACT_GELU_TANH: return affine<scalar_t, ACT_GELU_TANH>(xp, yp, g, k, slope);
+    case ACT_ELU: return affine<scalar_t, ACT_ELU>(xp, yp, g, k, slope);
+    case ACT_MISH: return affine<scalar_t, ACT_MISH>(xp, yp, g, k, slope);
+    case ACT_SIGMOID: return affine<scalar_t, ACT_SIGMOID>(xp, yp, g, k, slope);
+    case ACT_TANH: return affine<scalar_t, ACT_TANH>(xp, yp, g, k, slope);
+    default: return affine<scalar_t, ACT_NONE>(xp, yp, g, k, slope);
   }
 }
 
@@ -644,7 +653,7 @@ Tensor eval_forward(const Tensor& x, const Tensor& rm, const Tensor& rv, const T
 // recovered from y (SAVED_Y), with x̂ = p·u + q per channel. dz is dy, or dy·slope where z ≤ 0
 // (z recomputed from x; ReLU has slope 0) or where y < 0 (leaky ReLU inverted from its output).
 template <int MODE, typename T>
-inline void dz_u(T gv, T sv, T m, T aa, T b0, T sl, T isl, int ract, T& dz, T& u) {
+inline void dz_u(T gv, T sv, T m, T aa, T b0, T sl, T isl, T& dz, T& u) {
   if constexpr (MODE == SAVED_Y) {
     const bool neg = sv < T(0);
     dz = neg ? gv * sl : gv;
@@ -652,7 +661,7 @@ inline void dz_u(T gv, T sv, T m, T aa, T b0, T sl, T isl, int ract, T& dz, T& u
   } else {
     u = sv - m;
     if constexpr (MODE == SAVED_X_ACT) dz = (u * aa + b0 > T(0)) ? gv : gv * sl;
-    else if constexpr (MODE == SAVED_X_GEN) dz = gv * act_slope(ract, u * aa + b0, sl);
+    else if constexpr (MODE >= kGen) dz = gv * act_slope<MODE - kGen>(u * aa + b0, sl);
     else dz = gv;
   }
 }
@@ -672,7 +681,6 @@ void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
   using T = op_t<scalar_t>;
   const std::pair<T, T> sp = slopes<T>(slope);
   const T sl = sp.first, isl = sp.second;
-  const int ract = k.act;
   const PlaneItems pi(g);
   const int64_t L = g.L, C = g.C;
   std::vector<double> p1(pi.items), p2(pi.items), p3(pi.items);
@@ -692,7 +700,7 @@ void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
 #pragma omp simd
           for (int j = 0; j < kLanes; ++j) {
             T dz, u;
-            dz_u<MODE>(T(gr[i + j]), T(sr[i + j]), m, aa, b0, sl, isl, ract, dz, u);
+            dz_u<MODE>(T(gr[i + j]), T(sr[i + j]), m, aa, b0, sl, isl, dz, u);
             v1[j] += acc_t(dz);              // Σ dL/dz_i
             v2[j] += acc_t(dz) * acc_t(u);   // Σ dL/dz_i · u_i
             v3[j] += acc_t(u);               // Σ u_i: re-centres on the exact μ_B
@@ -700,7 +708,7 @@ void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
         }
         for (; i < len; ++i) {  // the tail in scalars (see planes_stats)
           T dz, u;
-          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, ract, dz, u);
+          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
           t1 += acc_t(dz);
           t2 += acc_t(dz) * acc_t(u);
           t3 += acc_t(u);
@@ -731,7 +739,6 @@ void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
   using T = op_t<scalar_t>;
   const std::pair<T, T> sp = slopes<T>(slope);
   const T sl = sp.first, isl = sp.second;
-  const int ract = k.act;
   const int64_t R = g.outer, C = g.C, nchunk = row_chunks(R, C);
   std::vector<double> p1(nchunk * C, 0.0), p2(nchunk * C, 0.0), p3(nchunk * C, 0.0);
   const T* __restrict mhi = k.mhi.data();
@@ -758,8 +765,8 @@ void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             T dz0, u0, dz1, u1;
-            dz_u<MODE>(T(ga[c]), T(sa[c]), mhi[c], a[c], bb[c], sl, isl, ract, dz0, u0);
-            dz_u<MODE>(T(gb[c]), T(sb[c]), mhi[c], a[c], bb[c], sl, isl, ract, dz1, u1);
+            dz_u<MODE>(T(ga[c]), T(sa[c]), mhi[c], a[c], bb[c], sl, isl, dz0, u0);
+            dz_u<MODE>(T(gb[c]), T(sb[c]), mhi[c], a[c], bb[c], sl, isl, dz1, u1);
             t1[c] += acc_t(dz0) + acc_t(dz1);
             t2[c] += acc_t(dz0) * acc_t(u0) + acc_t(dz1) * acc_t(u1);
             t3[c] += acc_t(u0) + acc_t(u1);
@@ -771,7 +778,7 @@ void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             T dz, u;
-            dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, ract, dz, u);
+            dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, dz, u);
             t1[c] += acc_t(dz);
             t2[c] += acc_t(dz) * acc_t(u);
             t3[c] += acc_t(u);
@@ -808,7 +815,6 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
   using T = op_t<scalar_t>;
   const std::pair<T, T> sp = slopes<T>(slope);
   const T sl = sp.first, isl = sp.second;
-  const int ract = k.act;
   const int64_t C = g.C, L = g.L;
   if (!g.rows) {
     at::parallel_for(0, g.outer * C, std::max<int64_t>(1, kGrain / L), [&](int64_t p0, int64_t p1) {
@@ -821,7 +827,7 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
 #pragma omp simd
         for (int64_t i = 0; i < L; ++i) {
           T dz, u;
-          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, ract, dz, u);
+          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
           out[i] = scalar_t(A * dz + B * u + K);  // dL/dx_i, Section 3 collapsed
         }
       }
@@ -842,7 +848,7 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         T dz, u;
-        dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, ract, dz, u);
+        dz_u<MODE>(T(gr[c]), T(sr[c]), mhi[c], a[c], bb[c], sl, isl, dz, u);
         out[c] = scalar_t(A[c] * dz + B[c] * u + K[c]);
       }
     }
@@ -852,12 +858,10 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
 template <typename scalar_t, int MODE>
 void backward_impl(const Tensor& dy, const Tensor& saved, const Geo& g, const double* mean,
                    const double* var, const std::vector<double>& w, const std::vector<double>& b,
-                   double eps, double slope, int act, Tensor& dx, double* dgamma,
-                   double* dbeta) {
+                   double eps, double slope, Tensor& dx, double* dgamma, double* dbeta) {
   using T = op_t<scalar_t>;
   const int64_t C = g.C;
-  Affine<T> k(mean, var, w, b, eps, C);
-  k.act = act;
+  const Affine<T> k(mean, var, w, b, eps, C);
   const scalar_t* gp = dy.const_data_ptr<scalar_t>();
   const scalar_t* sp = saved.const_data_ptr<scalar_t>();
   std::vector<double> s2(C), s3(C);
@@ -892,6 +896,15 @@ void backward_impl(const Tensor& dy, const Tensor& saved, const Geo& g, const do
     kc[c] = T(-A * dbeta[c] / m + K * q);
   }
   bwd_dx<scalar_t, MODE>(gp, sp, dx.mutable_data_ptr<scalar_t>(), g, k, slope, ka, kb, kc);
+}
+
+// SAVED_X_GEN: backward_impl compiled for the activation code act (ACT_RELU6 ... ACT_LAST).
+template <typename scalar_t, int ACT = ACT_RELU6, typename... Args>
+void backward_gen(int act, Args&&... args) {
+  if constexpr (ACT <= ACT_LAST) {
+    if (act == ACT) return backward_impl<scalar_t, kGen + ACT>(std::forward<Args>(args)...);
+    return backward_gen<scalar_t, ACT + 1>(act, std::forward<Args>(args)...);
+  }
 }
 
 // (dL/dx, dL/dγ, dL/dβ) with dγ, dβ in float64, from x (SAVED_X / SAVED_X_ACT) or y (SAVED_Y).
@@ -931,20 +944,21 @@ std::tuple<Tensor, Tensor, Tensor> backward_act(const Tensor& dy_in, const Tenso
   BN_DISPATCH(saved.scalar_type(), [&] {
     double* dg = dgv.data();
     double* db = dbv.data();
-    const int a = int(act);
+    const double* mp = mv.data();
+    const double* vp = vv.data();
     switch (mode) {
       case SAVED_X_ACT:
-        return backward_impl<scalar_t, SAVED_X_ACT>(dy, saved, g, mv.data(), vv.data(), wv, bv,
-                                                    eps, slope, a, dx, dg, db);
+        return backward_impl<scalar_t, SAVED_X_ACT>(dy, saved, g, mp, vp, wv, bv, eps, slope, dx,
+                                                    dg, db);
       case SAVED_X_GEN:
-        return backward_impl<scalar_t, SAVED_X_GEN>(dy, saved, g, mv.data(), vv.data(), wv, bv,
-                                                    eps, slope, a, dx, dg, db);
+        return backward_gen<scalar_t>(int(act), dy, saved, g, mp, vp, wv, bv, eps, slope, dx, dg,
+                                      db);
       case SAVED_Y:
-        return backward_impl<scalar_t, SAVED_Y>(dy, saved, g, mv.data(), vv.data(), wv, bv, eps,
-                                                slope, a, dx, dg, db);
+        return backward_impl<scalar_t, SAVED_Y>(dy, saved, g, mp, vp, wv, bv, eps, slope, dx, dg,
+                                                db);
       default:
-        return backward_impl<scalar_t, SAVED_X>(dy, saved, g, mv.data(), vv.data(), wv, bv, eps,
-                                                slope, a, dx, dg, db);
+        return backward_impl<scalar_t, SAVED_X>(dy, saved, g, mp, vp, wv, bv, eps, slope, dx, dg,
+                                                db);
     }
   });
   return {dx, vector_tensor(dgv, gdtype, saved.options()), vector_tensor(dbv, bdtype, saved.options())};
