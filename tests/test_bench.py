@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -68,5 +69,17 @@ def test_benchmark_nets_are_torchvisions_architectures():
         assert sum(p.numel() for p in model.parameters()) == params
         assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0  # so that train-mode outputs can be compared
+        ref = copy.deepcopy(model)
         fused = B.fuse_bn_act(B.convert_model(model))
         assert sum(isinstance(m, B.BatchNormAct2d) for m in fused.modules()) == fusable
+        x = torch.randn(4, 3, 64, 64)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)  # training mode
+        fused.eval(), ref.eval()
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+        folded = B.fold_batchnorm(ref)
+        assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in folded.modules())
+        assert not any(isinstance(m, B.tools.ChannelAffine) for m in folded.modules())
+        torch.testing.assert_close(folded(x), ref(x), rtol=1e-4, atol=1e-4)
