@@ -575,26 +575,22 @@ void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scal
   });
 }
 
+// f(std::integral_constant<int, ACT>{}) for the activation code act: one compiled kernel per
+// activation, chosen once per call.
+template <int ACT = ACT_NONE, typename F>
+void with_act(int act, F&& f) {
+  if constexpr (ACT <= ACT_LAST) {
+    if (act == ACT) return f(std::integral_constant<int, ACT>{});
+    return with_act<ACT + 1>(act, std::forward<F>(f));
+  }
+}
+
 template <typename scalar_t>
 void affine_any(const Tensor& x, Tensor& y, const Geo& g, const Affine<op_t<scalar_t>>& k, int act,
                 double slope) {
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  switch (act) {
-    case ACT_RELU: return affine<scalar_t, ACT_RELU>(xp, yp, g, k, slope);
-    case ACT_LEAKY: return affine<scalar_t, ACT_LEAKY>(xp, yp, g, k, slope);
-    case ACT_RELU6: return affine<scalar_t, ACT_RELU6>(xp, yp, g, k, slope);
-    case ACT_SILU: return affine<scalar_t, ACT_SILU>(xp, yp, g, k, slope);
-    case ACT_HARDSWISH: return affine<scalar_t, ACT_HARDSWISH>(xp, yp, g, k, slope);
-    case ACT_HARDSIGMOID: return affine<scalar_t, ACT_HARDSIGMOID>(xp, yp, g, k, slope);
-    case ACT_GELU: return affine<scalar_t, ACT_GELU>(xp, yp, g, k, slope);
-    case ACT_GELU_TANH: return affine<scalar_t, ACT_GELU_TANH>(xp, yp, g, k, slope);
-    case ACT_ELU: return affine<scalar_t, ACT_ELU>(xp, yp, g, k, slope);
-    case ACT_MISH: return affine<scalar_t, ACT_MISH>(xp, yp, g, k, slope);
-    case ACT_SIGMOID: return affine<scalar_t, ACT_SIGMOID>(xp, yp, g, k, slope);
-    case ACT_TANH: return affine<scalar_t, ACT_TANH>(xp, yp, g, k, slope);
-    default: return affine<scalar_t, ACT_NONE>(xp, yp, g, k, slope);
-  }
+  with_act(act, [&](auto a) { affine<scalar_t, decltype(a)::value>(xp, yp, g, k, slope); });
 }
 
 #define BN_DISPATCH(dtype, ...)                                                   \
@@ -898,15 +894,6 @@ void backward_impl(const Tensor& dy, const Tensor& saved, const Geo& g, const do
   bwd_dx<scalar_t, MODE>(gp, sp, dx.mutable_data_ptr<scalar_t>(), g, k, slope, ka, kb, kc);
 }
 
-// SAVED_X_GEN: backward_impl compiled for the activation code act (ACT_RELU6 ... ACT_LAST).
-template <typename scalar_t, int ACT = ACT_RELU6, typename... Args>
-void backward_gen(int act, Args&&... args) {
-  if constexpr (ACT <= ACT_LAST) {
-    if (act == ACT) return backward_impl<scalar_t, kGen + ACT>(std::forward<Args>(args)...);
-    return backward_gen<scalar_t, ACT + 1>(act, std::forward<Args>(args)...);
-  }
-}
-
 // (dL/dx, dL/dγ, dL/dβ) with dγ, dβ in float64, from x (SAVED_X / SAVED_X_ACT) or y (SAVED_Y).
 // A (C,) tensor of dtype dt holding v (written directly for float32/float64: no conversion op).
 Tensor vector_tensor(const std::vector<double>& v, at::ScalarType dt, const at::TensorOptions& o) {
@@ -950,9 +937,11 @@ std::tuple<Tensor, Tensor, Tensor> backward_act(const Tensor& dy_in, const Tenso
       case SAVED_X_ACT:
         return backward_impl<scalar_t, SAVED_X_ACT>(dy, saved, g, mp, vp, wv, bv, eps, slope, dx,
                                                     dg, db);
-      case SAVED_X_GEN:
-        return backward_gen<scalar_t>(int(act), dy, saved, g, mp, vp, wv, bv, eps, slope, dx, dg,
-                                      db);
+      case SAVED_X_GEN:  // compiled per activation: MODE = kGen + its code
+        return with_act<ACT_RELU6>(int(act), [&](auto a) {
+          backward_impl<scalar_t, kGen + decltype(a)::value>(dy, saved, g, mp, vp, wv, bv, eps,
+                                                             slope, dx, dg, db);
+        });
       case SAVED_Y:
         return backward_impl<scalar_t, SAVED_Y>(dy, saved, g, mp, vp, wv, bv, eps, slope, dx, dg,
                                                 db);
