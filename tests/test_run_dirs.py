@@ -200,3 +200,16 @@ def test_a_worker_dies_with_its_parent_even_on_sigkill(tmp_path):
             pytest.fail("the worker outlived its SIGKILLed parent")
     finally:
         parent.kill()
+
+
+def test_quick_says_what_data_and_scale_it_uses(tmp_path, capsys):
+    from batchnorm import cli
+    from batchnorm.experiments import fig1
+
+    rc = cli.main(["reproduce", "fig1", "--quick", "--out", str(tmp_path / "q"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "--quick: a small run, not the paper's scale" in err
+    full, quick = fig1.Config(), fig1.Config.quick()
+    for f in dataclasses.fields(fig1.Config):
+        if getattr(full, f.name) != getattr(quick, f.name):
+            assert f"{f.name}={getattr(quick, f.name)!r}" in err

@@ -72,6 +72,16 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
                             help=f"{helptext} (default: {default})")
 
 
+def announce_quick(cls: type, command: str) -> None:
+    """Say on stderr what ``--quick`` changes (data and scale), so its numbers are not read as the
+    full run's."""
+    full, quick = dataclasses.asdict(cls()), dataclasses.asdict(cls.quick())
+    changed = ", ".join(f"{k}={quick[k]!r} (full run: {full[k]!r})" for k in quick
+                        if quick[k] != full[k])
+    print(f"batchnorm {command} --quick: a small run, not the paper's scale; it sets {changed}",
+          file=sys.stderr)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The full parser; only the experiment named in ``argv`` (if any) is imported."""
     argv = sys.argv[1:] if argv is None else argv
@@ -95,7 +105,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         ep = rsub.add_parser(name, help=doc[0] if doc else name, allow_abbrev=False,
                              description=doc[0] if doc else None)
         add_config_options(ep, mod.Config)
-        ep.add_argument("--quick", action="store_true", help="start from Config.quick() (the CI-sized run)")
+        ep.add_argument("--quick", action="store_true",
+                        help="a small CI-sized run (prints the settings it changes); its numbers "
+                             "are not the paper's scale")
         ep.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/{name})")
         ep.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
         ep.add_argument("--overwrite", action="store_true",
@@ -117,6 +129,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     mod, parser = args._module, args._parser
     cls = mod.Config
     base = cls.quick() if args.quick else cls()
+    if args.quick:
+        announce_quick(cls, f"reproduce {args.experiment}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                  if getattr(args, f.name, None) is not None}
     try:

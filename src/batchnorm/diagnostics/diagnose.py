@@ -463,7 +463,9 @@ def add_command(sub: Any) -> None:
     p = sub.add_parser("diagnose", help="ICS vs loss smoothness: measure BN's effect inside the networks",
                        allow_abbrev=False, description=(__doc__ or "").strip().splitlines()[0])
     add_config_options(p, Config)
-    p.add_argument("--quick", action="store_true", help="start from Config.quick() (the CI-sized run)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small CI-sized run (prints the settings it changes); its numbers are "
+                        "not the paper's scale")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/diagnose)")
     p.add_argument("--resume", action="store_true", help="accepted for symmetry; a diagnose run restarts")
     p.add_argument("--overwrite", action="store_true",
@@ -478,6 +480,10 @@ def _cmd_diagnose(args: Any) -> int:
     from ..experiments.report import render_report
 
     base = Config.quick() if args.quick else Config()
+    if args.quick:
+        from ..cli import announce_quick
+
+        announce_quick(Config, "diagnose")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name, None) is not None}
     try:
