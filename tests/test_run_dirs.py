@@ -213,3 +213,13 @@ def test_quick_says_what_data_and_scale_it_uses(tmp_path, capsys):
     for f in dataclasses.fields(fig1.Config):
         if getattr(full, f.name) != getattr(quick, f.name):
             assert f"{f.name}={getattr(quick, f.name)!r}" in err
+
+
+def test_a_typo_in_a_subcommand_option_shows_that_subcommands_usage(capsys):
+    from batchnorm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reproduce", "fig1", "--stpes", "5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --stpes 5" in err
+    assert "usage: batchnorm reproduce fig1" in err
