@@ -281,3 +281,47 @@ def test_fuse_bn_act_in_the_graph_of_residual_and_functional_blocks():
         torch.testing.assert_close(a, b, msg=n)
     model.eval()  # the original object (its modules shared): the same values still
     torch.testing.assert_close(model(x), ref(x2))
+
+
+class _TimmMBConv(nn.Module):
+    """An EfficientNet-B0 inverted residual as timm builds it: BatchNormAct2d (SiLU) after the
+    expansion and the depthwise conv, squeeze-excitation with SiLU and a sigmoid gate, and a
+    BatchNormAct2d without activation after the projection, with a residual."""
+
+    def __init__(self, c, exp):
+        super().__init__()
+        self.conv_pw = nn.Conv2d(c, exp, 1, bias=False)
+        self.bn1 = TimmStyleBatchNormAct2d(exp, nn.SiLU(inplace=True))
+        self.conv_dw = nn.Conv2d(exp, exp, 3, padding=1, groups=exp, bias=False)
+        self.bn2 = TimmStyleBatchNormAct2d(exp, nn.SiLU(inplace=True))
+        self.se_reduce, self.se_act = nn.Conv2d(exp, c // 2, 1), nn.SiLU(inplace=True)
+        self.se_expand, self.gate = nn.Conv2d(c // 2, exp, 1), nn.Sigmoid()
+        self.conv_pwl = nn.Conv2d(exp, c, 1, bias=False)
+        self.bn3 = TimmStyleBatchNormAct2d(c, nn.Identity())
+
+    def forward(self, x):
+        y = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+        s = self.gate(self.se_expand(self.se_act(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        return self.bn3(self.conv_pwl(y * s)) + x
+
+
+def test_timm_style_efficientnet_blocks_convert_fuse_and_fold():
+    torch.manual_seed(0)
+    ref = nn.Sequential(_TimmMBConv(8, 24), _TimmMBConv(8, 32))
+    model = nn.Sequential(_TimmMBConv(8, 24), _TimmMBConv(8, 32))
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    model.load_state_dict(ref.state_dict())
+    model = batchnorm.fuse_bn_act(batchnorm.convert_model(model))
+    acts = sorted(m.activation for m in model.modules() if isinstance(m, batchnorm.BatchNormAct2d))
+    assert acts == ["identity"] * 2 + ["silu"] * 4  # every timm layer taken, activation kept
+    x = torch.randn(4, 8, 6, 6)
+    for training in (True, False):
+        model.train(training), ref.train(training)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    folded = batchnorm.fold_batchnorm(model)
+    assert not any(isinstance(m, (nn.BatchNorm2d, batchnorm.tools.ChannelAffine))
+                   for m in folded.modules())
+    torch.testing.assert_close(folded(x), ref(x), rtol=1e-5, atol=1e-5)
