@@ -15,10 +15,18 @@ import torch
 from torch import nn
 
 
-def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
-            act: Callable[[], nn.Module] | None = None) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups,
-                                         bias=False), nn.BatchNorm2d(cout)]
+def conv_bn(
+    cin: int,
+    cout: int,
+    k: int,
+    stride: int = 1,
+    groups: int = 1,
+    act: Callable[[], nn.Module] | None = None,
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if act is not None:
         layers.append(act())
     return nn.Sequential(*layers)
@@ -42,8 +50,10 @@ class BasicBlock(nn.Module):
 
 
 def resnet18(num_classes: int = 1000) -> nn.Module:
-    layers: list[nn.Module] = [conv_bn(3, 64, 7, 2, act=lambda: nn.ReLU(inplace=True)),
-                               nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        conv_bn(3, 64, 7, 2, act=lambda: nn.ReLU(inplace=True)),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     cin = 64
     for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
         layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
@@ -71,8 +81,9 @@ class SqueezeExcitation(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, k: int, exp: int, cout: int, se: bool, act: str,
-                 stride: int) -> None:
+    def __init__(
+        self, cin: int, k: int, exp: int, cout: int, se: bool, act: str, stride: int
+    ) -> None:
         super().__init__()
         a = nn.Hardswish if act == "HS" else nn.ReLU
         layers: list[nn.Module] = []
@@ -91,10 +102,17 @@ class InvertedResidual(nn.Module):
 
 
 _SMALL = [  # kernel, expanded, out, SE, activation, stride (torchvision's mobilenet_v3_small)
-    (3, 16, 16, True, "RE", 2), (3, 72, 24, False, "RE", 2), (3, 88, 24, False, "RE", 1),
-    (5, 96, 40, True, "HS", 2), (5, 240, 40, True, "HS", 1), (5, 240, 40, True, "HS", 1),
-    (5, 120, 48, True, "HS", 1), (5, 144, 48, True, "HS", 1), (5, 288, 96, True, "HS", 2),
-    (5, 576, 96, True, "HS", 1), (5, 576, 96, True, "HS", 1),
+    (3, 16, 16, True, "RE", 2),
+    (3, 72, 24, False, "RE", 2),
+    (3, 88, 24, False, "RE", 1),
+    (5, 96, 40, True, "HS", 2),
+    (5, 240, 40, True, "HS", 1),
+    (5, 240, 40, True, "HS", 1),
+    (5, 120, 48, True, "HS", 1),
+    (5, 144, 48, True, "HS", 1),
+    (5, 288, 96, True, "HS", 2),
+    (5, 576, 96, True, "HS", 1),
+    (5, 576, 96, True, "HS", 1),
 ]
 
 
@@ -104,8 +122,15 @@ def mobilenet_v3_small(num_classes: int = 1000) -> nn.Module:
     for k, exp, cout, se, act, stride in _SMALL:
         layers.append(InvertedResidual(cin, k, exp, cout, se, act, stride))
         cin = cout
-    layers += [conv_bn(cin, 576, 1, act=nn.Hardswish), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-               nn.Linear(576, 1024), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(1024, num_classes)]
+    layers += [
+        conv_bn(cin, 576, 1, act=nn.Hardswish),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(576, 1024),
+        nn.Hardswish(),
+        nn.Dropout(0.2),
+        nn.Linear(1024, num_classes),
+    ]
     return nn.Sequential(*layers)
 
 

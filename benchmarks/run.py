@@ -98,6 +98,7 @@ def bench_shape(shape, repeats: int, bw: float) -> list[dict]:
         def run():
             xg.grad = None
             f(xg).backward(g)
+
         return run
 
     def uncached(f):  # ours with the output-buffer cache off (ops/buffers.py): fresh memory
@@ -107,6 +108,7 @@ def bench_shape(shape, repeats: int, bw: float) -> list[dict]:
                 f()
             finally:
                 buffers.set_limit(old)
+
         return run
 
     cases = {
@@ -119,8 +121,16 @@ def bench_shape(shape, repeats: int, bw: float) -> list[dict]:
     for name, (ft, fo) in cases.items():
         tt, to = median_time(ft, repeats), median_time(fo, repeats)
         gbs = PASSES[name] * x.nbytes / to / 1e9
-        row = dict(shape=shape, case=name, torch_ms=tt * 1e3, ours_ms=to * 1e3, speedup=tt / to,
-                   gbs=gbs, of_copy=gbs / bw, faults=faults(fo))
+        row = dict(
+            shape=shape,
+            case=name,
+            torch_ms=tt * 1e3,
+            ours_ms=to * 1e3,
+            speedup=tt / to,
+            gbs=gbs,
+            of_copy=gbs / bw,
+            faults=faults(fo),
+        )
         if name in ("fwd+bwd", "bn+relu fwd+bwd"):
             fn_t = (lambda t: relu(tbn(t))) if "relu" in name else tbn
             fn_o = oact if "relu" in name else obn
@@ -149,15 +159,25 @@ class LeNet(nn.Module):
             if bn == "none":
                 return nn.ReLU()
             if bn == "torch":
-                return nn.Sequential((nn.BatchNorm1d if rank == 2 else nn.BatchNorm2d)(c), nn.ReLU())
+                return nn.Sequential(
+                    (nn.BatchNorm1d if rank == 2 else nn.BatchNorm2d)(c), nn.ReLU()
+                )
             if bn == "ours":
                 return nn.Sequential((B.BatchNorm1d if rank == 2 else B.BatchNorm2d)(c), nn.ReLU())
             return (B.BatchNormAct1d if rank == 2 else B.BatchNormAct2d)(c, "relu")
 
         self.net = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2, bias=b), norm_act(6, 4), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5, bias=b), norm_act(16, 4), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(400, 120, bias=b), norm_act(120, 2), nn.Linear(120, 84, bias=b), norm_act(84, 2),
+            nn.Conv2d(1, 6, 5, padding=2, bias=b),
+            norm_act(6, 4),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, bias=b),
+            norm_act(16, 4),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(400, 120, bias=b),
+            norm_act(120, 2),
+            nn.Linear(120, 84, bias=b),
+            norm_act(84, 2),
             nn.Linear(84, 10),
         )
 
@@ -193,7 +213,7 @@ def bench_lenet(repeats: int) -> dict[str, tuple[float, float, float, float, flo
     times: dict[str, list[float]] = {bn: [] for bn in steps}
     flt = dict.fromkeys(steps, 0)
     for r in range(8 * repeats):
-        for bn in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+        for bn in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             for _ in range(5):
@@ -208,8 +228,13 @@ def bench_lenet(repeats: int) -> dict[str, tuple[float, float, float, float, flo
     out = {}
     for bn, ts in times.items():
         ratios = [t / n - 1 for t, n in zip(ts, times["none"], strict=True)]
-        out[bn] = (q(ts, 0.5), q(ratios, 0.25), q(ratios, 0.5), q(ratios, 0.75),
-                   flt[bn] / (5 * len(ts)))  # page faults per timed step
+        out[bn] = (
+            q(ts, 0.5),
+            q(ratios, 0.25),
+            q(ratios, 0.5),
+            q(ratios, 0.75),
+            flt[bn] / (5 * len(ts)),
+        )  # page faults per timed step
     return out
 
 
@@ -237,7 +262,8 @@ def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
                 model = B.fuse_bn_act(B.convert_model(model))
             elif v == "none":
                 model = replace_modules(
-                    model, lambda m: nn.Identity() if isinstance(m, nn.BatchNorm2d) else None)
+                    model, lambda m: nn.Identity() if isinstance(m, nn.BatchNorm2d) else None
+                )
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
             def step(model=model, opt=opt):
@@ -250,55 +276,78 @@ def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
         times: dict[str, list[float]] = {v: [] for v in variants}
         names = list(variants)
         for r in range(repeats):
-            for v in names[r % 3:] + names[:r % 3]:
+            for v in names[r % 3 :] + names[: r % 3]:
                 t0 = time.perf_counter()
                 variants[v]()
                 times[v].append(time.perf_counter() - t0)
         med = {v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}
-        fused = sum(isinstance(m, (B.BatchNormAct1d, B.BatchNormAct2d))
-                    for m in B.fuse_bn_act(B.convert_model(build())).modules())
+        fused = sum(
+            isinstance(m, (B.BatchNormAct1d, B.BatchNormAct2d))
+            for m in B.fuse_bn_act(B.convert_model(build())).modules()
+        )
         n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in build().modules())
-        rows.append(dict(net=name, fused=f"{fused} of {n_bn}",
-                         **{f"{v}_ms": t * 1e3 for v, t in med.items()},
-                         torch_share=med["torch"] / med["none"] - 1,
-                         ours_share=med["ours"] / med["none"] - 1))
+        rows.append(
+            dict(
+                net=name,
+                fused=f"{fused} of {n_bn}",
+                **{f"{v}_ms": t * 1e3 for v, t in med.items()},
+                torch_share=med["torch"] / med["none"] - 1,
+                ours_share=med["ours"] / med["none"] - 1,
+            )
+        )
     return rows
 
 
 def print_nets(rows, batch: int, size: int) -> None:
-    print(f"\nWhole-model CPU training step, batch {batch} at {size}x{size}: median ms; BN's share "
-          f"= step with BN / step with BN removed - 1")
-    print("| net | no BN ms | torch.nn ms | ours ms | BN share torch.nn | BN share ours | ours / "
-          "torch share | BN layers fused |")
+    print(
+        f"\nWhole-model CPU training step, batch {batch} at {size}x{size}: median ms; BN's share "
+        f"= step with BN / step with BN removed - 1"
+    )
+    print(
+        "| net | no BN ms | torch.nn ms | ours ms | BN share torch.nn | BN share ours | ours / "
+        "torch share | BN layers fused |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['net']} | {r['none_ms']:.1f} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | "
-              f"{r['torch_share'] * 100:+.1f}% | {r['ours_share'] * 100:+.1f}% | "
-              f"{r['ours_share'] / r['torch_share']:.2f} | {r['fused']} |")
+        print(
+            f"| {r['net']} | {r['none_ms']:.1f} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | "
+            f"{r['torch_share'] * 100:+.1f}% | {r['ours_share'] * 100:+.1f}% | "
+            f"{r['ours_share'] / r['torch_share']:.2f} | {r['fused']} |"
+        )
 
 
 def print_table(rows, bw, lenet, title) -> None:
     print(f"\n## {title}")
-    print(f"copy bandwidth (dst.copy_(src), 51 MB, read+write): {bw:.1f} GB/s; "
-          f"threads: torch {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}")
-    print("| shape | case | torch.nn ms | ours ms | speed-up | ours GB/s | of copy bw | faults/step "
-          "| saved torch | saved ours |")
+    print(
+        f"copy bandwidth (dst.copy_(src), 51 MB, read+write): {bw:.1f} GB/s; "
+        f"threads: torch {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        "| shape | case | torch.nn ms | ours ms | speed-up | ours GB/s | of copy bw | faults/step "
+        "| saved torch | saved ours |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         st = f"{r['saved_torch']:.2f}x" if "saved_torch" in r else ""
         so = f"{r['saved_ours']:.2f}x" if "saved_ours" in r else ""
-        print(f"| {tuple(r['shape'])} | {r['case']} | {r['torch_ms']:.3f} | {r['ours_ms']:.3f} | "
-              f"{r['speedup']:.2f}x | {r['gbs']:.1f} | {r['of_copy']:.2f} | {r['faults']:.0f} | {st} | {so} |")
-    print("\nLeNet-style training step, batch 128: median step time; BN overhead over no BN taken "
-          "round by round (median, and the middle half of the rounds)")
+        print(
+            f"| {tuple(r['shape'])} | {r['case']} | {r['torch_ms']:.3f} | {r['ours_ms']:.3f} | "
+            f"{r['speedup']:.2f}x | {r['gbs']:.1f} | {r['of_copy']:.2f} | {r['faults']:.0f} | {st} | {so} |"
+        )
+    print(
+        "\nLeNet-style training step, batch 128: median step time; BN overhead over no BN taken "
+        "round by round (median, and the middle half of the rounds)"
+    )
     print("| BN | step ms | BN overhead | middle half | faults/step |")
     print("|---|---:|---:|---:|---:|")
     for k, (t, lo, med, hi, f) in lenet.items():
         if k == "none":
             print(f"| {k} | {t * 1e3:.3f} |  |  | {f:.0f} |")
         else:
-            print(f"| {k} | {t * 1e3:.3f} | {med * 100:+.1f}% | {lo * 100:+.1f}% to {hi * 100:+.1f}% "
-                  f"| {f:.0f} |")
+            print(
+                f"| {k} | {t * 1e3:.3f} | {med * 100:+.1f}% | {lo * 100:+.1f}% to {hi * 100:+.1f}% "
+                f"| {f:.0f} |"
+            )
 
 
 def main(argv=None) -> None:
@@ -323,8 +372,10 @@ def main(argv=None) -> None:
         fb = [r for r in rows if r["case"] == "fwd+bwd"]
         for r in fb:
             bound = 8 * torch.Size(r["shape"]).numel() * 4 / bw / 1e9 * 1e3
-            print(f"eight-pass bound {tuple(r['shape'])}: {bound:.2f} ms; ours fwd+bwd "
-                  f"{r['ours_ms']:.2f} ms = {r['ours_ms'] / bound:.2f}x the bound")
+            print(
+                f"eight-pass bound {tuple(r['shape'])}: {bound:.2f} ms; ours fwd+bwd "
+                f"{r['ours_ms']:.2f} ms = {r['ours_ms'] / bound:.2f}x the bound"
+            )
     elif not args.no_warm:
         sys.stdout.flush()
         child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]

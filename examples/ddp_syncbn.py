@@ -34,9 +34,16 @@ from batchnorm.data import best_available, load_dataset
 
 def make_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1, bias=False), batchnorm.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1, bias=False), batchnorm.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+        nn.Conv2d(1, 16, 3, padding=1, bias=False),
+        batchnorm.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        batchnorm.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
     )
 
 
@@ -46,8 +53,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="examples per process and step")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--train-subset", type=int, default=4000, help="0: all training examples")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a stuck collective fails")
-    p.add_argument("--dataset", default="", help="mnist, fashion-mnist or digits (default: best available)")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds before a stuck collective fails"
+    )
+    p.add_argument(
+        "--dataset", default="", help="mnist, fashion-mnist or digits (default: best available)"
+    )
     args = p.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun
@@ -57,19 +68,25 @@ def main() -> None:
         if cuda:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=args.timeout))
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout)
+        )
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
 
     ds = load_dataset(args.dataset or best_available())
     tx, ty = ds.train_x, ds.train_y
     if 0 < args.train_subset < len(tx):
-        tx, ty = tx[:args.train_subset], ty[:args.train_subset]
+        tx, ty = tx[: args.train_subset], ty[: args.train_subset]
     train = TensorDataset(tx, ty)
-    sampler = DistributedSampler(train, world, rank, shuffle=True, seed=0, drop_last=True) \
-        if distributed else None
-    loader = DataLoader(train, args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True)
+    sampler = (
+        DistributedSampler(train, world, rank, shuffle=True, seed=0, drop_last=True)
+        if distributed
+        else None
+    )
+    loader = DataLoader(
+        train, args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True
+    )
 
     torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts them)
     model = batchnorm.convert_sync_batchnorm(make_net(), timeout=args.timeout).to(device)
@@ -99,8 +116,10 @@ def main() -> None:
             pred = net(ds.test_x.to(device)).argmax(1).cpu()
         acc = (pred == ds.test_y).float().mean().item()
         shift = max(r.max_mean_shift_std for r in report.values())
-        print(f"{world} process(es), global batch {world * args.batch_size}: test accuracy {acc:.4f} "
-              f"(EMA mean was off by up to {shift:.3f} std before recomputing)")
+        print(
+            f"{world} process(es), global batch {world * args.batch_size}: test accuracy {acc:.4f} "
+            f"(EMA mean was off by up to {shift:.3f} std before recomputing)"
+        )
     if distributed:
         dist.destroy_process_group()
 

@@ -17,7 +17,9 @@ def _count(model: nn.Module, kind) -> int:
 
 
 def test_six_variants_apply_the_papers_recipe():
-    cfg = ablation.Config(steps=1000, lr=0.01, weight_decay=5e-4, dropout=0.4, lr_decay=0.5, width=1)
+    cfg = ablation.Config(
+        steps=1000, lr=0.01, weight_decay=5e-4, dropout=0.4, lr_decay=0.5, width=1
+    )
     vs = {v.name: v for v in ablation.variants(cfg)}
     assert tuple(vs) == ablation.VARIANTS
     models = {k: v.build() for k, v in vs.items()}
@@ -26,9 +28,13 @@ def test_six_variants_apply_the_papers_recipe():
         recipe = k in ("BN-x5", "BN-x30", "BN-x5-Sigmoid")
         assert (_count(m, BatchNormBase) > 0) == bn, k
         assert (_count(m, nn.LocalResponseNorm) > 0) == (not recipe), k
-        assert [d.p for d in m.modules() if isinstance(d, nn.Dropout)] == [0.0 if recipe else 0.4], k
-        assert _count(m, nn.Sigmoid if "Sigmoid" in k else nn.ReLU) > 0 and \
-            _count(m, nn.ReLU if "Sigmoid" in k else nn.Sigmoid) == 0, k
+        assert [d.p for d in m.modules() if isinstance(d, nn.Dropout)] == [
+            0.0 if recipe else 0.4
+        ], k
+        assert (
+            _count(m, nn.Sigmoid if "Sigmoid" in k else nn.ReLU) > 0
+            and _count(m, nn.ReLU if "Sigmoid" in k else nn.Sigmoid) == 0
+        ), k
         assert vs[k].weight_decay == pytest.approx(1e-4 if recipe else 5e-4), k
         assert vs[k].augment.rotation == (5.0 if recipe else 10.0), k
     base = vs["Baseline"].lr
@@ -44,13 +50,23 @@ def test_six_variants_apply_the_papers_recipe():
 def _res(accs, step=100, diverged=False):
     evals = [{"step": step * (i + 1), "test_acc": a} for i, a in enumerate(accs)]
     best = max(evals, key=lambda e: e["test_acc"])
-    return {"evals": evals, "best_acc": best["test_acc"], "best_step": best["step"], "final": evals[-1],
-            "diverged": diverged, "ms_per_step": 1.0, "wall_seconds": 1.0}
+    return {
+        "evals": evals,
+        "best_acc": best["test_acc"],
+        "best_step": best["step"],
+        "final": evals[-1],
+        "diverged": diverged,
+        "ms_per_step": 1.0,
+        "wall_seconds": 1.0,
+    }
 
 
 def test_table_counts_steps_to_the_baselines_best_and_the_speedup():
-    results = {"Baseline": _res([0.5, 0.7, 0.8, 0.79]), "BN-x5": _res([0.75, 0.81, 0.85, 0.86]),
-               "Baseline-Sigmoid": _res([0.1, 0.1, 0.1, 0.1])}
+    results = {
+        "Baseline": _res([0.5, 0.7, 0.8, 0.79]),
+        "BN-x5": _res([0.75, 0.81, 0.85, 0.86]),
+        "Baseline-Sigmoid": _res([0.1, 0.1, 0.1, 0.1]),
+    }
     rows = {r["variant"]: r for r in ablation.table(results)}
     assert rows["Baseline"]["steps_to_baseline_best"] == 300 and rows["Baseline"]["speedup"] == 1.0
     assert rows["BN-x5"]["steps_to_baseline_best"] == 200
@@ -66,8 +82,16 @@ def test_quick_run_writes_table_plot_and_summary(tmp_path):
     cfg = ablation.Config.quick()
     s = ablation.run(cfg, tmp_path, quiet=True)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert {"table", "curves", "baseline_best_acc", "baseline_best_step", "paper", "wall_seconds",
-            "dataset", "config"} <= set(on_disk)
+    assert {
+        "table",
+        "curves",
+        "baseline_best_acc",
+        "baseline_best_step",
+        "paper",
+        "wall_seconds",
+        "dataset",
+        "config",
+    } <= set(on_disk)
     assert [r["variant"] for r in on_disk["table"]] == list(ablation.VARIANTS)
     for r in on_disk["table"]:
         assert {"steps_to_baseline_best", "max_test_acc", "speedup", "ms_per_step"} <= set(r)

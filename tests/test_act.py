@@ -17,7 +17,9 @@ ACTS = {
 
 
 def _pair(act, c, rank, dtype, slope=0.1, seed=0):
-    ours = (B.BatchNormAct2d if rank == 4 else B.BatchNormAct1d)(c, act, negative_slope=slope, dtype=dtype)
+    ours = (B.BatchNormAct2d if rank == 4 else B.BatchNormAct1d)(
+        c, act, negative_slope=slope, dtype=dtype
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         ours.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
@@ -37,8 +39,17 @@ def _run(module, x, g):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=str)
 @pytest.mark.parametrize("act", list(ACTS))
-@pytest.mark.parametrize("shape,cl", [((4, 5, 7, 3), False), ((4, 5, 7, 3), True), ((2, 6, 1, 9), True),
-                                      ((9, 5), False), ((2, 5, 11), False), ((8, 3, 40, 40), True)])
+@pytest.mark.parametrize(
+    "shape,cl",
+    [
+        ((4, 5, 7, 3), False),
+        ((4, 5, 7, 3), True),
+        ((2, 6, 1, 9), True),
+        ((9, 5), False),
+        ((2, 5, 11), False),
+        ((8, 3, 40, 40), True),
+    ],
+)
 def test_matches_torch_bn_then_activation(shape, cl, act, dtype, tol):
     ours, ref = _pair(act, shape[1], len(shape), dtype)
     x = torch.randn(shape, dtype=dtype)
@@ -75,7 +86,9 @@ def test_relu_gradient_is_nonzero_where_output_is_zero():
 
 def _saved_numels(module, x):
     sizes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: sizes.append(t.numel()) or t, lambda t: t
+    ):
         module(x.detach().requires_grad_())
     return sizes
 
@@ -109,8 +122,16 @@ def test_leaky_saves_output_and_small_gamma_falls_back_to_input_exactly():
     assert ours.weight.grad[1].abs() > 1e-3  # γ = 0 still receives Σ dz·x̂, so it can grow
 
 
-@pytest.mark.parametrize("act,save", [(0, op.SAVE_AUTO), (1, op.SAVE_INPUT), (2, op.SAVE_AUTO),
-                                      (2, op.SAVE_INPUT), (0, op.SAVE_INPUT)])
+@pytest.mark.parametrize(
+    "act,save",
+    [
+        (0, op.SAVE_AUTO),
+        (1, op.SAVE_INPUT),
+        (2, op.SAVE_AUTO),
+        (2, op.SAVE_INPUT),
+        (0, op.SAVE_INPUT),
+    ],
+)
 def test_op_gradcheck_and_gradgradcheck_float64(act, save):
     """The registered op, first and second order, for every activation and saved tensor (x or y)."""
     assert native.load() is not None

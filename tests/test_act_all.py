@@ -12,10 +12,19 @@ from torch import nn
 import batchnorm as B
 
 MODULES = {
-    "relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(0.2), "relu6": nn.ReLU6,
-    "silu": nn.SiLU, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "gelu": nn.GELU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "elu": lambda: nn.ELU(0.7),
-    "mish": nn.Mish, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "identity": nn.Identity,
+    "relu": lambda: nn.ReLU(),
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "relu6": nn.ReLU6,
+    "silu": nn.SiLU,
+    "hardswish": nn.Hardswish,
+    "hardsigmoid": nn.Hardsigmoid,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "elu": lambda: nn.ELU(0.7),
+    "mish": nn.Mish,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
 }
 
 

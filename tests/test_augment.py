@@ -39,8 +39,12 @@ def test_zero_strength_is_identity_and_leaves_generator_alone():
 
 def test_identity_maps_resample_exactly():
     x = torch.rand(3, 2, 28, 28, dtype=torch.float64)
-    mats = affine_matrices(3, 0, 0, 0, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert torch.equal(mats, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]], dtype=torch.float64).expand(3, 2, 3))
+    mats = affine_matrices(
+        3, 0, 0, 0, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    assert torch.equal(
+        mats, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]], dtype=torch.float64).expand(3, 2, 3)
+    )
     torch.testing.assert_close(apply_affine(x, mats), x)
 
 
@@ -53,15 +57,25 @@ def test_same_seed_same_batch_different_seed_different_batch():
 
 
 def test_maps_stay_within_the_requested_strengths():
-    m = affine_matrices(2000, rotation=20, shear=0.0, zoom=0.0, generator=torch.Generator().manual_seed(0),
-                        dtype=torch.float64)
+    m = affine_matrices(
+        2000,
+        rotation=20,
+        shear=0.0,
+        zoom=0.0,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
     angle = torch.atan2(m[:, 1, 0], m[:, 0, 0])
     assert angle.abs().max() <= math.radians(20) + 1e-12
     assert angle.abs().max() > math.radians(19)  # the range is used, not just a corner of it
     # pure rotation: orthonormal 2x2 part
     a = m[:, :, :2]
-    torch.testing.assert_close(a @ a.transpose(1, 2), torch.eye(2, dtype=torch.float64).expand(2000, 2, 2))
-    z = affine_matrices(2000, 0, 0, zoom=0.25, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(
+        a @ a.transpose(1, 2), torch.eye(2, dtype=torch.float64).expand(2000, 2, 2)
+    )
+    z = affine_matrices(
+        2000, 0, 0, zoom=0.25, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     assert z[:, 0, 0].min() >= 0.75 and z[:, 0, 0].max() <= 1.25 and z[:, 0, 1].abs().max() == 0
 
 
@@ -74,14 +88,18 @@ def test_rotation_by_a_right_angle_matches_rot90():
 
 def test_mass_is_roughly_preserved_by_small_maps():
     x = _blobs(32)
-    y = random_affine(x, rotation=10, shear=0.1, zoom=0.05, generator=torch.Generator().manual_seed(0))
+    y = random_affine(
+        x, rotation=10, shear=0.1, zoom=0.05, generator=torch.Generator().manual_seed(0)
+    )
     ratio = y.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
     assert ((ratio - 1).abs() < 0.2).all()
     # and the content moved: the mean squared change is not negligible
     assert F.mse_loss(y, x) > 1e-5
 
 
-@pytest.mark.parametrize("kw", [{"rotation": -1}, {"shear": float("nan")}, {"zoom": 1.0}, {"rotation": 180}])
+@pytest.mark.parametrize(
+    "kw", [{"rotation": -1}, {"shear": float("nan")}, {"zoom": 1.0}, {"rotation": 180}]
+)
 def test_bad_strengths_raise_value_error(kw):
     with pytest.raises(ValueError):
         random_affine(torch.rand(2, 1, 8, 8), **kw)

@@ -30,12 +30,19 @@ def trained(cls, c=3, **kw):
     return layer
 
 
-@pytest.mark.parametrize("cls,shape", [
-    (batchnorm.BatchNorm1d, (1, 3)), (batchnorm.BatchNorm1d, (1, 3, 1)),
-    (batchnorm.BatchNorm2d, (1, 3, 1, 1)), (batchnorm.BatchNorm3d, (1, 3, 1, 1, 1))])
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (batchnorm.BatchNorm1d, (1, 3)),
+        (batchnorm.BatchNorm1d, (1, 3, 1)),
+        (batchnorm.BatchNorm2d, (1, 3, 1, 1)),
+        (batchnorm.BatchNorm3d, (1, 3, 1, 1, 1)),
+    ],
+)
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_raises_if_less_than_two_values_per_channel_in_training_and_changes_nothing(
-        bn_core_backend, cls, shape, momentum):
+    bn_core_backend, cls, shape, momentum
+):
     layer = trained(cls, momentum=momentum)
     before = snapshot(layer)
     with pytest.raises(ValueError, match=r"more than 1 value per channel.*\.eval\(\)"):
@@ -67,13 +74,16 @@ def test_wrong_channel_count(training):
     assert_unchanged(layer, before)
 
 
-@pytest.mark.parametrize("cls,bad_shape,want", [
-    (batchnorm.BatchNorm1d, (2, 3, 4, 4), "2-D or 3-D"),
-    (batchnorm.BatchNorm1d, (3,), "2-D or 3-D"),
-    (batchnorm.BatchNorm2d, (2, 3, 4), "4-D"),
-    (batchnorm.BatchNorm2d, (2, 3, 4, 4, 4), "4-D"),
-    (batchnorm.BatchNorm3d, (2, 3, 4, 4), "5-D"),
-])
+@pytest.mark.parametrize(
+    "cls,bad_shape,want",
+    [
+        (batchnorm.BatchNorm1d, (2, 3, 4, 4), "2-D or 3-D"),
+        (batchnorm.BatchNorm1d, (3,), "2-D or 3-D"),
+        (batchnorm.BatchNorm2d, (2, 3, 4), "4-D"),
+        (batchnorm.BatchNorm2d, (2, 3, 4, 4, 4), "4-D"),
+        (batchnorm.BatchNorm3d, (2, 3, 4, 4), "5-D"),
+    ],
+)
 def test_wrong_number_of_dimensions_per_layer_class(cls, bad_shape, want):
     layer = trained(cls, 3)
     before = snapshot(layer)
@@ -135,8 +145,9 @@ def test_hyperparameters_changed_after_construction_are_checked_at_call_time(att
     assert_unchanged(layer, before)
 
 
-@pytest.mark.parametrize("name,pos", [("weight", 3), ("bias", 4),
-                                      ("running_mean", 1), ("running_var", 2)])
+@pytest.mark.parametrize(
+    "name,pos", [("weight", 3), ("bias", 4), ("running_mean", 1), ("running_var", 2)]
+)
 def test_functional_mismatched_parameter_shape(name, pos):
     args = [torch.randn(4, 3), torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3)]
     rm, rv = args[1].clone(), args[2].clone()

@@ -29,8 +29,11 @@ def test_lenet_bn_nets_drop_the_bias_before_bn_and_the_plain_net_keeps_it(bench)
         *hidden, last = layers
         assert all((m.bias is None) == (bn != "none") for m in hidden), bn
         assert last.bias is not None  # the classifier has no BN after it
-    fused = [type(m) for m in bench.LeNet("ours fused").modules()
-             if isinstance(m, (B.BatchNormAct1d, B.BatchNormAct2d))]
+    fused = [
+        type(m)
+        for m in bench.LeNet("ours fused").modules()
+        if isinstance(m, (B.BatchNormAct1d, B.BatchNormAct2d))
+    ]
     assert fused == [B.BatchNormAct2d, B.BatchNormAct2d, B.BatchNormAct1d, B.BatchNormAct1d]
 
 
@@ -63,8 +66,10 @@ def test_benchmark_nets_are_torchvisions_architectures():
     spec.loader.exec_module(nets)
     # every BN → activation pair: ResNet's 8 block pairs share one ReLU module (fused in the fx
     # graph) besides the stem; MobileNet's 11 projection BNs have no activation after them
-    for name, params, bns, fusable in (("resnet18", 11_689_512, 20, 9),
-                                       ("mobilenet_v3_small", 2_542_856, 34, 23)):
+    for name, params, bns, fusable in (
+        ("resnet18", 11_689_512, 20, 9),
+        ("mobilenet_v3_small", 2_542_856, 34, 23),
+    ):
         model = nets.NETS[name]()
         assert sum(p.numel() for p in model.parameters()) == params
         assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns

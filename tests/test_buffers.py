@@ -80,7 +80,10 @@ def test_channels_last_3d_and_outputs_below_one_mib():
     del small
     after = buffers.info()
     assert (after["misses"], after["hits"], after["idle_buffers"]) == (
-        before["misses"], before["hits"], before["idle_buffers"])
+        before["misses"],
+        before["hits"],
+        before["idle_buffers"],
+    )
 
 
 def test_only_an_exact_byte_size_is_reused():
@@ -188,8 +191,14 @@ def test_info_and_empty_cache():
 
 def test_info_without_the_extension(monkeypatch):
     monkeypatch.setattr(native, "_ext", None)
-    assert buffers.info() == {"limit": buffers.get_limit(), "idle_bytes": 0, "idle_buffers": 0,
-                              "hits": 0, "misses": 0, "dropped": 0}
+    assert buffers.info() == {
+        "limit": buffers.get_limit(),
+        "idle_bytes": 0,
+        "idle_buffers": 0,
+        "hits": 0,
+        "misses": 0,
+        "dropped": 0,
+    }
     buffers.empty_cache()  # nothing to free: no error
     assert buffers.set_limit(123) == 1 << 30 and buffers.get_limit() == 123
 
@@ -296,8 +305,9 @@ def test_env_limit_in_a_fresh_process():
     """)
     env = dict(os.environ, BATCHNORM_CPU_CACHE_MB="nan")
     env.pop("BATCHNORM_NATIVE", None)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240
+    )
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
 
 

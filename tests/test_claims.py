@@ -16,8 +16,10 @@ VERDICTS = {"reproduced", "partly", "not reproduced"}
 
 def test_ensemble_errors_average_probabilities():
     y = torch.tensor([0, 1, 2, 3])
-    a = torch.tensor([[.7, .3, 0, 0], [.6, .4, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]])  # wrong on #1
-    b = torch.tensor([[.4, .6, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]])  # wrong on #0
+    a = torch.tensor(
+        [[0.7, 0.3, 0, 0], [0.6, 0.4, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]
+    )  # wrong on #1
+    b = torch.tensor([[0.4, 0.6, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])  # wrong on #0
     e = claims.ensemble_errors([a, b], y)
     assert e["member_top1_err"] == [0.25, 0.25]
     assert e["ensemble_top1_err"] == 0.0  # mean: [.55,.45] on #0, [.3,.7] on #1
@@ -30,7 +32,10 @@ def _sweep(plain, bn, values=(0.01, 0.1, 1.0)):
     res = {}
     for arm, accs in (("plain", plain), ("bn", bn)):
         for v, a in zip(values, accs, strict=True):
-            res[f"lr/{arm}/{v:g}"] = {"diverged": a is None, "final": {"test_acc": a or 0.0, "train_loss": 1.0}}
+            res[f"lr/{arm}/{v:g}"] = {
+                "diverged": a is None,
+                "final": {"test_acc": a or 0.0, "train_loss": 1.0},
+            }
     return claims._sweep(res, "lr", list(values))
 
 
@@ -45,15 +50,19 @@ def test_lr_verdict_needs_bn_to_train_at_higher_rates():
 
 
 def test_regularization_and_sigmoid_verdicts():
-    g = {"plain/none": {"train_acc": 1.0, "test_acc": 0.80, "gap": 0.20},
-         "plain/dropout": {"train_acc": 0.95, "test_acc": 0.83, "gap": 0.12},
-         "bn/none": {"train_acc": 0.95, "test_acc": 0.85, "gap": 0.10},
-         "bn/dropout": {"train_acc": 0.9, "test_acc": 0.84, "gap": 0.06}}
+    g = {
+        "plain/none": {"train_acc": 1.0, "test_acc": 0.80, "gap": 0.20},
+        "plain/dropout": {"train_acc": 0.95, "test_acc": 0.83, "gap": 0.12},
+        "bn/none": {"train_acc": 0.95, "test_acc": 0.85, "gap": 0.10},
+        "bn/dropout": {"train_acc": 0.9, "test_acc": 0.84, "gap": 0.06},
+    }
     assert claims.verdict_reg(g)[0] == "reproduced"
     g["bn/none"] = {"train_acc": 1.0, "test_acc": 0.79, "gap": 0.21}
     assert claims.verdict_reg(g)[0] == "not reproduced"
-    sg = {"plain": {"test_acc": 0.11, "grad_norms_init": [1e-6, 1.0]},
-          "bn": {"test_acc": 0.9, "grad_norms_init": [0.5, 1.0]}}
+    sg = {
+        "plain": {"test_acc": 0.11, "grad_norms_init": [1e-6, 1.0]},
+        "bn": {"test_acc": 0.9, "grad_norms_init": [0.5, 1.0]},
+    }
     v, txt = claims.verdict_sigmoid(sg)
     assert v == "reproduced" and "1e-06" in txt
 
@@ -63,7 +72,9 @@ def test_layer_grad_norms_match_autograd():
     m = DeepMLP(depth=4, width=16, activation="sigmoid")
     x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
     norms = claims.layer_grad_norms(m, x, y)
-    grads = torch.autograd.grad(F.cross_entropy(m(x), y), [lin.weight for lin in m.hidden_linears()])
+    grads = torch.autograd.grad(
+        F.cross_entropy(m(x), y), [lin.weight for lin in m.hidden_linears()]
+    )
     assert norms == pytest.approx([g.norm().item() for g in grads], rel=1e-5)
     assert all(p.grad is None for p in m.parameters())  # leaves no gradients behind
     assert norms[0] < norms[-1]  # sigmoid: the gradient shrinks toward the input
@@ -90,7 +101,13 @@ def test_quick_run_writes_every_claims_plot_and_verdict(tmp_path):
 
     s = claims.run(claims.Config.quick(), tmp_path, quiet=True)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert set(on_disk["verdicts"]) == {"learning_rate", "initialization", "regularization", "sigmoid", "ensemble"}
+    assert set(on_disk["verdicts"]) == {
+        "learning_rate",
+        "initialization",
+        "regularization",
+        "sigmoid",
+        "ensemble",
+    }
     for v in on_disk["verdicts"].values():
         assert v["verdict"] in VERDICTS and v["numbers"]
     for p in claims.PLOTS:

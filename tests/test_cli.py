@@ -31,15 +31,18 @@ def test_unknown_experiment_lists_choices(capsys):
     _fails(capsys, ["reproduce", "fig9"], "invalid choice: 'fig9'", "fig1")
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--steps", "ten"], "expected int for --steps, got 'ten'"),
-    (["--lr", "fast"], "expected float for --lr, got 'fast'"),
-    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
-    (["--steps", "0"], "steps must be a positive integer"),
-    (["--lr", "-1"], "lr must be a positive number"),
-    (["--batch-size", "1"], "batch_size must be at least 2"),
-    (["--checkpoint-every", "7"], "multiple of eval_every"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--steps", "ten"], "expected int for --steps, got 'ten'"),
+        (["--lr", "fast"], "expected float for --lr, got 'fast'"),
+        (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["--steps", "0"], "steps must be a positive integer"),
+        (["--lr", "-1"], "lr must be a positive number"),
+        (["--batch-size", "1"], "batch_size must be at least 2"),
+        (["--checkpoint-every", "7"], "multiple of eval_every"),
+    ],
+)
 def test_bad_values_get_clear_errors(capsys, tmp_path, argv, needle):
     _fails(capsys, ["reproduce", "fig1", *argv, "--out", str(tmp_path / "o")], needle)
     assert not (tmp_path / "o").exists()  # nothing written
@@ -50,8 +53,18 @@ def test_help_lists_config_options(capsys):
         cli.main(["reproduce", "fig1", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--dataset", "--data-dir", "--steps", "--batch-size", "--lr", "--seed", "--out",
-                "--resume", "--quiet", "--quick"):
+    for opt in (
+        "--dataset",
+        "--data-dir",
+        "--steps",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--out",
+        "--resume",
+        "--quiet",
+        "--quick",
+    ):
         assert opt in out
 
 
@@ -60,8 +73,19 @@ def test_missing_data_is_a_clear_error_not_a_traceback(capsys, tmp_path, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("BATCHNORM_DATA", raising=False)
     (tmp_path / "none").mkdir()  # an existing folder without the files
-    code = cli.main(["reproduce", "fig1", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
-                     "--out", str(tmp_path / "o"), "--quiet"])
+    code = cli.main(
+        [
+            "reproduce",
+            "fig1",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "mnist is not available" in err and "--dataset digits" in err
@@ -75,13 +99,31 @@ def test_report_of_a_non_run_directory(capsys, tmp_path):
 
 def test_quick_run_end_to_end_then_report(capsys, tmp_path):
     out = tmp_path / "run"
-    code = cli.main(["reproduce", "fig1", "--quick", "--steps", "100", "--eval-every", "50",
-                     "--checkpoint-every", "100", "--seed", "3", "--out", str(out), "--quiet"])
+    code = cli.main(
+        [
+            "reproduce",
+            "fig1",
+            "--quick",
+            "--steps",
+            "100",
+            "--eval-every",
+            "50",
+            "--checkpoint-every",
+            "100",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert f"report: {(out / 'report.html').resolve()}" in printed
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["experiment"] == "fig1" and cfg["config"]["steps"] == 100 and cfg["config"]["seed"] == 3
+    assert (
+        cfg["experiment"] == "fig1" and cfg["config"]["steps"] == 100 and cfg["config"]["seed"] == 3
+    )
     assert cfg["config"]["dataset"] == "digits"  # from Config.quick()
     assert "torch" in cfg["env"]
     (out / "report.html").unlink()

@@ -10,8 +10,13 @@ import batchnorm
 
 
 def tiny_model():
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), batchnorm.BatchNorm2d(3),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, bias=False),
+        batchnorm.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 2),
+    )
 
 
 def test_compile_fullgraph_matches_eager_forward_and_backward():
@@ -26,8 +31,9 @@ def test_compile_fullgraph_matches_eager_forward_and_backward():
     torch.testing.assert_close(y_comp, y_eager)
     y_eager.square().sum().backward()
     y_comp.square().sum().backward()
-    for (n, a), (_, b) in zip(compiled_src.named_parameters(), eager.named_parameters(),
-                              strict=True):
+    for (n, a), (_, b) in zip(
+        compiled_src.named_parameters(), eager.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(a.grad, b.grad, msg=n)
     bn_c, bn_e = compiled_src[1], eager[1]
     torch.testing.assert_close(bn_c.running_mean, bn_e.running_mean)

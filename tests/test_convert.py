@@ -11,15 +11,23 @@ import batchnorm
 
 def small_convnet():
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
         nn.Sequential(nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4, momentum=None)),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8, affine=False), nn.Linear(8, 2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 8),
+        nn.BatchNorm1d(8, affine=False),
+        nn.Linear(8, 2),
     )
 
 
 def kinds(model):
-    return [type(m) for m in model.modules()
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, batchnorm.BatchNormBase))]
+    return [
+        type(m)
+        for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, batchnorm.BatchNormBase))
+    ]
 
 
 def test_converts_nested_layers_and_gives_the_same_outputs():
@@ -103,12 +111,24 @@ def test_bad_target_raises(bad):
 # ------------------------------------------------------------------ fuse_bn_act
 def act_net():
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Sequential(nn.Conv2d(4, 4, 3, bias=False), batchnorm.BatchNorm2d(4, momentum=None),
-                      nn.LeakyReLU(0.2)),
-        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Softplus(),  # not fusable: stays as it is
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 8, bias=False), nn.BatchNorm1d(8, affine=False),
-        nn.LeakyReLU(0.0), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.LeakyReLU(-0.5),  # not invertible
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Sequential(
+            nn.Conv2d(4, 4, 3, bias=False),
+            batchnorm.BatchNorm2d(4, momentum=None),
+            nn.LeakyReLU(0.2),
+        ),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Softplus(),  # not fusable: stays as it is
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 8, bias=False),
+        nn.BatchNorm1d(8, affine=False),
+        nn.LeakyReLU(0.0),
+        nn.Linear(8, 6),
+        nn.BatchNorm1d(6),
+        nn.LeakyReLU(-0.5),  # not invertible
     )
 
 
@@ -120,11 +140,16 @@ def test_fuse_bn_act_fuses_sequential_pairs_with_the_same_values_and_state_keys(
     keys = list(model.state_dict())
     params_before = dict(model.named_parameters())
     assert batchnorm.fuse_bn_act(model) is model
-    fused = [(type(m), m.activation, m.negative_slope) for m in model.modules()
-             if isinstance(m, (batchnorm.BatchNormAct1d, batchnorm.BatchNormAct2d))]
-    assert fused == [(batchnorm.BatchNormAct2d, "relu", 0.01),
-                     (batchnorm.BatchNormAct2d, "leaky_relu", 0.2),
-                     (batchnorm.BatchNormAct1d, "relu", 0.01)]
+    fused = [
+        (type(m), m.activation, m.negative_slope)
+        for m in model.modules()
+        if isinstance(m, (batchnorm.BatchNormAct1d, batchnorm.BatchNormAct2d))
+    ]
+    assert fused == [
+        (batchnorm.BatchNormAct2d, "relu", 0.01),
+        (batchnorm.BatchNormAct2d, "leaky_relu", 0.2),
+        (batchnorm.BatchNormAct1d, "relu", 0.01),
+    ]
     assert isinstance(model[2], nn.Identity) and isinstance(model[3][2], nn.Identity)
     assert type(model[5]) is nn.BatchNorm2d and type(model[12]) is nn.BatchNorm1d  # left alone
     assert model[3][1].momentum is None and model[9].affine is False
@@ -175,8 +200,9 @@ def test_fuse_bn_act_keeps_pairs_with_hooks_and_sequentials_with_their_own_forwa
 
     hooked = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
     hooked[1].register_forward_hook(lambda m, a, out: out)
-    model = nn.Sequential(Doubling(nn.BatchNorm2d(3), nn.ReLU()), hooked,
-                          Block(nn.BatchNorm2d(3), nn.ReLU()))
+    model = nn.Sequential(
+        Doubling(nn.BatchNorm2d(3), nn.ReLU()), hooked, Block(nn.BatchNorm2d(3), nn.ReLU())
+    )
     batchnorm.fuse_bn_act(model)
     assert type(model[0][0]) is nn.BatchNorm2d and type(model[1][0]) is nn.BatchNorm2d
     assert type(model[2][0]) is batchnorm.BatchNormAct2d and type(model[2][1]) is nn.Identity
@@ -200,8 +226,10 @@ TimmStyleBatchNormAct2d.__module__ = "timm.layers.norm_act"
 TimmStyleBatchNormAct2d.__name__ = TimmStyleBatchNormAct2d.__qualname__ = "BatchNormAct2d"
 
 
-@pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.SiLU(), nn.Hardswish(),
-                                 nn.GELU(approximate="tanh"), nn.Identity()])
+@pytest.mark.parametrize(
+    "act",
+    [nn.ReLU(inplace=True), nn.SiLU(), nn.Hardswish(), nn.GELU(approximate="tanh"), nn.Identity()],
+)
 def test_convert_model_takes_timms_bn_act_exactly(act):
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), TimmStyleBatchNormAct2d(4, act))
@@ -220,9 +248,11 @@ def test_convert_model_takes_timms_bn_act_exactly(act):
     ref.load_state_dict(model.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("layer", [TimmStyleBatchNormAct2d(4, nn.Softplus()),
-                                   TimmStyleBatchNormAct2d(4, drop=nn.Dropout(0.1))],
-                         ids=["unknown_act", "dropout"])
+@pytest.mark.parametrize(
+    "layer",
+    [TimmStyleBatchNormAct2d(4, nn.Softplus()), TimmStyleBatchNormAct2d(4, drop=nn.Dropout(0.1))],
+    ids=["unknown_act", "dropout"],
+)
 def test_convert_model_leaves_a_timm_bn_act_it_cannot_copy(layer):
     model = nn.Sequential(layer)
     batchnorm.convert_model(model)
@@ -264,9 +294,14 @@ def test_fuse_bn_act_in_the_graph_of_residual_and_functional_blocks():
     keys, weight = list(model.state_dict()), model[0].bn1.weight
     fused = batchnorm.fuse_bn_act(model)
     kinds = {n: type(m) for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    assert kinds == {"0.bn1": batchnorm.BatchNormAct2d, "0.bn2": nn.BatchNorm2d,
-                     "1.bn1": batchnorm.BatchNormAct2d, "1.bn2": nn.BatchNorm2d,
-                     "2.bn": batchnorm.BatchNormAct2d, "2.tap": nn.BatchNorm2d}
+    assert kinds == {
+        "0.bn1": batchnorm.BatchNormAct2d,
+        "0.bn2": nn.BatchNorm2d,
+        "1.bn1": batchnorm.BatchNormAct2d,
+        "1.bn2": nn.BatchNorm2d,
+        "2.bn": batchnorm.BatchNormAct2d,
+        "2.tap": nn.BatchNorm2d,
+    }
     assert list(fused.state_dict()) == keys and fused.get_submodule("0.bn1").weight is weight
     assert isinstance(fused, torch.fx.GraphModule) and type(model[0].bn1) is nn.BatchNorm2d
     x = torch.randn(3, 4, 5, 5, requires_grad=True)
@@ -322,6 +357,7 @@ def test_timm_style_efficientnet_blocks_convert_fuse_and_fold():
         model.train(training), ref.train(training)
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
     folded = batchnorm.fold_batchnorm(model)
-    assert not any(isinstance(m, (nn.BatchNorm2d, batchnorm.tools.ChannelAffine))
-                   for m in folded.modules())
+    assert not any(
+        isinstance(m, (nn.BatchNorm2d, batchnorm.tools.ChannelAffine)) for m in folded.modules()
+    )
     torch.testing.assert_close(folded(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -70,8 +70,20 @@ def _close(a, b, tol, what=""):
     assert err <= tol * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
-def _op(x, w, b, act=0, save=1, eps=EPS, training=True, rm=None, rv=None, nbt=None,
-        momentum=0.1, slope=SLOPE):
+def _op(
+    x,
+    w,
+    b,
+    act=0,
+    save=1,
+    eps=EPS,
+    training=True,
+    rm=None,
+    rv=None,
+    nbt=None,
+    momentum=0.1,
+    slope=SLOPE,
+):
     return native.op(x, w, b, rm, rv, nbt, training, momentum, eps, act, slope, save)
 
 
@@ -82,8 +94,12 @@ def _kernel_run(x, w, b, dy, act=0, save=1, eps=EPS):
     y, mean, var = _op(*leaves, act=act, save=save, eps=eps)
     wrt = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(y, wrt, dy))
-    return (y.detach(), mean.detach(), var.detach(),
-            *[next(grads) if t is not None else None for t in leaves])
+    return (
+        y.detach(),
+        mean.detach(),
+        var.detach(),
+        *[next(grads) if t is not None else None for t in leaves],
+    )
 
 
 def _act(z, act):
@@ -179,8 +195,11 @@ TORCH_IDS = [IDS[i] for i in (0, 3, 4, 8, 10, 11, 13, 14)]
 
 @pytest.mark.parametrize(
     "dtype,pdtype",
-    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-     (torch.bfloat16, torch.float32)],
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+    ],
     ids=["f32", "bf16", "bf16-f32params"],
 )
 @pytest.mark.parametrize("act,save", ACT_SAVE)
@@ -205,8 +224,16 @@ def test_matches_torch_kernel(shape, cl, act, save, dtype, pdtype):
 
 
 @pytest.mark.parametrize("act", [0, 1, 2])
-@pytest.mark.parametrize("shape,cl", [((3, 5, 7, 9), False), ((3, 5, 7, 9), True), ((6, 4), False),
-                                      ((2, 4, 3, 5, 6), True), ((4, 3, 120, 120), True)])
+@pytest.mark.parametrize(
+    "shape,cl",
+    [
+        ((3, 5, 7, 9), False),
+        ((3, 5, 7, 9), True),
+        ((6, 4), False),
+        ((2, 4, 3, 5, 6), True),
+        ((4, 3, 120, 120), True),
+    ],
+)
 def test_no_affine_and_eval_forward(shape, cl, act):
     x, _, _, dy = _make(shape, cl, torch.float32, seed=1)
     y, mean, var, dx, dg, db = _kernel_run(x, None, None, dy, act=act, eps=1e-3)
@@ -238,16 +265,23 @@ def test_eval_forward_low_and_high_precision(dtype):
     rm, rv = torch.randn(4), torch.rand(4) + 0.5
     with torch.inference_mode():  # below autograd: the CPU kernel alone
         ye = _op(x, w, b, training=False, rm=rm, rv=rv, act=2)[0]
-    want = F.leaky_relu(F.batch_norm(x.double(), rm.double(), rv.double(), w.double(),
-                                     b.double(), False, 0.0, EPS), SLOPE)
+    want = F.leaky_relu(
+        F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False, 0.0, EPS),
+        SLOPE,
+    )
     assert ye.dtype == dtype
     _close(ye, want, TOL[dtype], "eval y")
 
 
 @pytest.mark.parametrize(
     "shape,cl",
-    [((16, 4, 33, 17), False), ((16, 4, 33, 17), True), ((32, 4, 40, 33), False),
-     ((32, 4, 40, 33), True), ((40000, 4), False)],
+    [
+        ((16, 4, 33, 17), False),
+        ((16, 4, 33, 17), True),
+        ((32, 4, 40, 33), False),
+        ((32, 4, 40, 33), True),
+        ((40000, 4), False),
+    ],
     ids=["serial", "serial-cl", "parallel", "parallel-cl", "rows"],
 )
 def test_large_mean_offset_keeps_variance_and_gradients_accurate(shape, cl):
@@ -281,8 +315,10 @@ def test_gradient_in_any_layout(cl, act, save):
     z = reference.forward(x, w, b, EPS)[0]
     mean, var = reference.batch_stats(x)
     other = torch.contiguous_format if cl else torch.channels_last
-    for dy in (torch.ones((), dtype=torch.float64).expand(x.shape),
-               torch.randn(x.shape, dtype=torch.float64).contiguous(memory_format=other)):
+    for dy in (
+        torch.ones((), dtype=torch.float64).expand(x.shape),
+        torch.randn(x.shape, dtype=torch.float64).contiguous(memory_format=other),
+    ):
         xg = x.clone().requires_grad_()
         y = _op(xg, w, b, act=act, save=save)[0]
         y.backward(dy)
@@ -291,8 +327,10 @@ def test_gradient_in_any_layout(cl, act, save):
         _close(xg.grad, reference.backward(dz, x, mean, var, w, EPS)[0], 1e-11, "dx")
 
 
-@pytest.mark.parametrize("shape,cl", [((4, 3, 5), False), ((40, 3), False), ((4, 3, 2, 5), True),
-                                      ((8, 3, 64, 64), False)])
+@pytest.mark.parametrize(
+    "shape,cl",
+    [((4, 3, 5), False), ((40, 3), False), ((4, 3, 2, 5), True), ((8, 3, 64, 64), False)],
+)
 def test_nan_propagates_instead_of_being_hidden(shape, cl):
     x = torch.randn(shape)
     x[1, 2].view(-1)[-1] = float("nan")

@@ -22,6 +22,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfl
 @pytest.fixture(autouse=True)
 def _no_build(monkeypatch):
     """No CUDA call may build or load the C++ extension."""
+
     def forbidden(*_a, **_k):
         raise AssertionError("native.load() was called for a CUDA input")
 
@@ -40,18 +41,42 @@ def _pair(ours, theirs, c, dtype):
 
 
 LAYERS = [
-    ((16, 7), lambda c: batchnorm.BatchNorm1d(c), lambda c: nn.BatchNorm1d(c),
-     torch.contiguous_format),
-    ((8, 5, 9), lambda c: batchnorm.BatchNorm1d(c, momentum=None),
-     lambda c: nn.BatchNorm1d(c, momentum=None), torch.contiguous_format),
-    ((4, 6, 5, 3), lambda c: batchnorm.BatchNorm2d(c), lambda c: nn.BatchNorm2d(c),
-     torch.contiguous_format),
-    ((4, 6, 5, 3), lambda c: batchnorm.BatchNorm2d(c), lambda c: nn.BatchNorm2d(c),
-     torch.channels_last),
-    ((2, 3, 4, 5, 2), lambda c: batchnorm.BatchNorm3d(c), lambda c: nn.BatchNorm3d(c),
-     torch.channels_last_3d),
-    ((4, 6, 5, 3), lambda c: batchnorm.BatchNormAct2d(c, "leaky_relu", negative_slope=0.1),
-     lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(0.1)), torch.channels_last),
+    (
+        (16, 7),
+        lambda c: batchnorm.BatchNorm1d(c),
+        lambda c: nn.BatchNorm1d(c),
+        torch.contiguous_format,
+    ),
+    (
+        (8, 5, 9),
+        lambda c: batchnorm.BatchNorm1d(c, momentum=None),
+        lambda c: nn.BatchNorm1d(c, momentum=None),
+        torch.contiguous_format,
+    ),
+    (
+        (4, 6, 5, 3),
+        lambda c: batchnorm.BatchNorm2d(c),
+        lambda c: nn.BatchNorm2d(c),
+        torch.contiguous_format,
+    ),
+    (
+        (4, 6, 5, 3),
+        lambda c: batchnorm.BatchNorm2d(c),
+        lambda c: nn.BatchNorm2d(c),
+        torch.channels_last,
+    ),
+    (
+        (2, 3, 4, 5, 2),
+        lambda c: batchnorm.BatchNorm3d(c),
+        lambda c: nn.BatchNorm3d(c),
+        torch.channels_last_3d,
+    ),
+    (
+        (4, 6, 5, 3),
+        lambda c: batchnorm.BatchNormAct2d(c, "leaky_relu", negative_slope=0.1),
+        lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(0.1)),
+        torch.channels_last,
+    ),
 ]
 
 
@@ -59,10 +84,14 @@ def _bn(m):
     return m[0] if isinstance(m, nn.Sequential) else m
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
-                         ids=str)
-@pytest.mark.parametrize("shape,make_ours,make_torch,fmt", LAYERS,
-                         ids=["1d", "1d-cumulative", "2d", "2d-cl", "3d-cl", "act-2d-cl"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+@pytest.mark.parametrize(
+    "shape,make_ours,make_torch,fmt",
+    LAYERS,
+    ids=["1d", "1d-cumulative", "2d", "2d-cl", "3d-cl", "act-2d-cl"],
+)
 def test_cuda_layers_match_torch_nn(shape, make_ours, make_torch, fmt, dtype):
     x = (torch.randn(shape, device="cuda") * 3 + 1).to(dtype).contiguous(memory_format=fmt)
     assert not op.fast_path_applies(x, None, None, None, None)
@@ -98,6 +127,7 @@ def test_cuda_layers_match_torch_nn(shape, make_ours, make_torch, fmt, dtype):
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_cuda_autocast_matches_torch_nn(amp, fmt):
     """Under AMP a conv hands BN a half-precision input with float32 parameters and buffers."""
+
     def model(bn):
         torch.manual_seed(0)
         conv = nn.Conv2d(3, 8, 3, bias=False)

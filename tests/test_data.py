@@ -77,15 +77,18 @@ def _raw(code=0x08, dims=(2, 2), payload=None):
     return struct.pack(">HBB", 0, code, len(dims)) + struct.pack(f">{len(dims)}I", *dims) + payload
 
 
-@pytest.mark.parametrize("raw, match", [
-    (b"\x01\x00\x08\x01" + struct.pack(">I", 1) + b"\x00", "bad magic"),
-    (_raw(code=0x07), "unknown IDX dtype code 0x07"),
-    (b"\x00\x00\x08\x00", "0 dimensions"),
-    (b"\x00\x00", "too short"),
-    (b"\x00\x00\x08\x03" + b"\x00\x00\x00\x02", "truncated header"),
-    (_raw(dims=(2, 2), payload=b"\x00\x01\x02"), "truncated"),
-    (_raw(dims=(2, 2), payload=b"\x00" * 5), "trailing bytes"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (b"\x01\x00\x08\x01" + struct.pack(">I", 1) + b"\x00", "bad magic"),
+        (_raw(code=0x07), "unknown IDX dtype code 0x07"),
+        (b"\x00\x00\x08\x00", "0 dimensions"),
+        (b"\x00\x00", "too short"),
+        (b"\x00\x00\x08\x03" + b"\x00\x00\x00\x02", "truncated header"),
+        (_raw(dims=(2, 2), payload=b"\x00\x01\x02"), "truncated"),
+        (_raw(dims=(2, 2), payload=b"\x00" * 5), "trailing bytes"),
+    ],
+)
 @pytest.mark.parametrize("gz", [False, True])
 def test_malformed_idx_raises_naming_the_file(tmp_path, raw, match, gz):
     p = tmp_path / ("bad-file.idx" + (".gz" if gz else ""))
@@ -175,7 +178,13 @@ def test_download_failure_is_fast_and_names_alternatives(tmp_path):
         load_dataset("mnist", tmp_path / "empty")
     assert time.perf_counter() - t < 5
     msg = str(e.value)
-    for alt in ("--dataset fashion-mnist", "--dataset digits", "--data-dir", "$BATCHNORM_DATA", "offline (test)"):
+    for alt in (
+        "--dataset fashion-mnist",
+        "--dataset digits",
+        "--data-dir",
+        "$BATCHNORM_DATA",
+        "offline (test)",
+    ):
         assert alt in msg
     assert str(tmp_path / "empty") in msg
 
@@ -245,7 +254,9 @@ def test_digits_is_28x28_deterministic_and_disjoint():
     assert set(a.test_y.tolist()) == set(range(10))
     # no test image is also a training image
     tr = {bytes(x.numpy().tobytes()) for x in a.train_x}
-    assert sum(bytes(x.numpy().tobytes()) in tr for x in a.test_x) <= 2  # sklearn has a few duplicates
+    assert (
+        sum(bytes(x.numpy().tobytes()) in tr for x in a.test_x) <= 2
+    )  # sklearn has a few duplicates
 
 
 def test_unknown_dataset_lists_choices():

@@ -278,4 +278,8 @@ def test_tracker_plot_format_follows_the_suffix(tmp_path):
     assert tr.plot(tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tr.plot(tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
     assert tr.plot(tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pdf", "p.png", "p.svg"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "p.pdf",
+        "p.png",
+        "p.svg",
+    ]  # no temp files

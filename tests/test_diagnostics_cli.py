@@ -25,15 +25,33 @@ def _diagnose_cli(argv: list[str]) -> int:
 
 def test_diagnose_cli_writes_run_directory_with_summary_keys(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = _diagnose_cli(["--quick", "--steps", "20", "--measure-points", "2",
-                        "--out", str(out), "--quiet"])
+    rc = _diagnose_cli(
+        ["--quick", "--steps", "20", "--measure-points", "2", "--out", str(out), "--quiet"]
+    )
     assert rc == 0
-    for name in ("config.json", "metrics.jsonl", "summary.json", "report.html",
-                 "percentiles.png", "ics.png", "landscape.png"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "report.html",
+        "percentiles.png",
+        "ics.png",
+        "landscape.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     s = json.loads((out / "summary.json").read_text())
-    assert {"experiment", "model", "dataset", "measure_steps", "arms", "percentiles",
-            "aggregate", "statement", "step_sizes", "wall_seconds"} <= set(s)
+    assert {
+        "experiment",
+        "model",
+        "dataset",
+        "measure_steps",
+        "arms",
+        "percentiles",
+        "aggregate",
+        "statement",
+        "step_sizes",
+        "wall_seconds",
+    } <= set(s)
     assert s["experiment"] == "diagnose" and s["dataset"] == "digits"
     assert s["measure_steps"] == [0, 20]
     for arm in ("baseline", "bn"):
@@ -59,8 +77,10 @@ def test_diagnose_networks_share_initial_weights_and_measure_reproducibly(model)
     cfg = D.Config(model=model, seed=3)
     nets, start = D.build_networks(cfg)
     assert start == 0
-    layers = {arm: [m for m in net.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-              for arm, net in nets.items()}
+    layers = {
+        arm: [m for m in net.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+        for arm, net in nets.items()
+    }
     for a, b in zip(layers["baseline"], layers["bn"], strict=True):
         assert torch.equal(a.weight, b.weight)
     g = torch.Generator().manual_seed(0)
@@ -100,14 +120,16 @@ def test_diagnose_from_a_fig1_run_directory(tmp_path):
 
     run = tmp_path / "fig1"
     run.mkdir()
-    atomic_write_json(run / "config.json", {"experiment": "fig1",
-                                            "config": {"dataset": "digits", "lr": 0.3}})
+    atomic_write_json(
+        run / "config.json", {"experiment": "fig1", "config": {"dataset": "digits", "lr": 0.3}}
+    )
     nets = {}
     for arm in ("baseline", "bn"):
         nets[arm] = fig1.build_mlp(arm == "bn", 0.05, torch.Generator().manual_seed(7))
         torch.save({"step": 123, "model": nets[arm].state_dict()}, run / f"checkpoint-{arm}.pt")
-    cfg = D.Config(from_run=str(run), steps=0, measure_points=1, measure_batches=1,
-                   step_multipliers="1")
+    cfg = D.Config(
+        from_run=str(run), steps=0, measure_points=1, measure_batches=1, step_multipliers="1"
+    )
     s = D.run(cfg, tmp_path / "diag", quiet=True)
     assert s["start_step"] == 123 and s["measure_steps"] == [123]
     assert s["dataset"] == "digits" and s["lr"] == 0.3  # taken from the fig1 run

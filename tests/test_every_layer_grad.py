@@ -37,8 +37,10 @@ LAYERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "BatchRenorm2d": (lambda: B.BatchRenorm2d(3, r_max=1.5, d_max=0.5), (3, 3, 2, 2)),
     "GhostBatchNorm1d": (lambda: B.GhostBatchNorm1d(3, virtual_batch_size=3), (6, 3)),
     "FrozenBatchNorm2d": (lambda: B.FrozenBatchNorm2d(3, train_affine=True), (3, 3, 2, 2)),
-    "FrozenBatchNorm2d-batch": (lambda: B.FrozenBatchNorm2d(3, use_batch_stats=True,
-                                                            train_affine=True), (3, 3, 2, 2)),
+    "FrozenBatchNorm2d-batch": (
+        lambda: B.FrozenBatchNorm2d(3, use_batch_stats=True, train_affine=True),
+        (3, 3, 2, 2),
+    ),
     "SyncBatchNorm": (lambda: B.SyncBatchNorm(3), (4, 3, 2)),  # no process group: local
 }
 
@@ -55,8 +57,11 @@ def test_gradcheck_and_gradgradcheck(name: str, training: bool) -> None:
             layer.running_mean.fill_(50.0)
             layer.running_var.fill_(100.0)
     buffers = {k: v.clone() for k, v in layer.named_buffers()}
-    names = [n for n in ("weight", "bias") if getattr(layer, n) is not None
-             and getattr(layer, n).requires_grad]
+    names = [
+        n
+        for n in ("weight", "bias")
+        if getattr(layer, n) is not None and getattr(layer, n).requires_grad
+    ]
     params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
     x = (torch.randn(shape, dtype=F64) * 2 + 0.5).requires_grad_()
 

@@ -57,7 +57,13 @@ def test_summary_follows_the_contract(run_dir):
         assert p["steps"] == expected_steps
         for lo, mid, hi in zip(p["p15"], p["p50"], p["p85"], strict=True):
             assert lo <= mid <= hi
-    for name in ("config.json", "metrics.jsonl", "fig1.png", "checkpoint-baseline.pt", "checkpoint-bn.pt"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "fig1.png",
+        "checkpoint-baseline.pt",
+        "checkpoint-bn.pt",
+    ):
         assert (out / name).exists(), name
 
 
@@ -80,15 +86,25 @@ def test_percentiles_are_those_of_the_tracked_sigmoid_input(run_dir):
             z = net[:-2](data.test_x.flatten(1))[:, CFG.unit].double()  # input of the last sigmoid
         want = torch.quantile(z, torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
         got = [s["percentiles"][arm][k][-1] for k in ("p15", "p50", "p85")]
-        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(got, dtype=torch.float64), want, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_bn_network_structure():
     g = torch.Generator().manual_seed(0)
-    base, bn = fig1.build_mlp(False, 0.05, g.manual_seed(0)), fig1.build_mlp(True, 0.05, g.manual_seed(0))
+    base, bn = (
+        fig1.build_mlp(False, 0.05, g.manual_seed(0)),
+        fig1.build_mlp(True, 0.05, g.manual_seed(0)),
+    )
     lin_b = [m for m in base if isinstance(m, torch.nn.Linear)]
     lin_n = [m for m in bn if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in lin_b] == [(784, 100), (100, 100), (100, 100), (100, 10)]
+    assert [(m.in_features, m.out_features) for m in lin_b] == [
+        (784, 100),
+        (100, 100),
+        (100, 100),
+        (100, 10),
+    ]
     assert [m.bias is None for m in lin_n] == [True, True, True, False]  # β replaces the bias
     assert sum(isinstance(m, __import__("batchnorm").BatchNorm1d) for m in bn) == 3
     for a, b in zip(lin_b, lin_n, strict=True):  # same initial weights in both networks
@@ -118,8 +134,12 @@ def test_resume_after_interrupt_gives_identical_results(run_dir, tmp_path, monke
     monkeypatch.setattr(fig1, "_after_step", lambda arm, step: None)
     resumed = fig1.run(CFG, tmp_path, resume=True, quiet=True)
     assert _strip_wall(resumed) == _strip_wall(ref)
-    got = sorted(_metrics_without_wall(tmp_path / "metrics.jsonl"), key=lambda r: (r["arm"], r["step"]))
-    want = sorted(_metrics_without_wall(ref_dir / "metrics.jsonl"), key=lambda r: (r["arm"], r["step"]))
+    got = sorted(
+        _metrics_without_wall(tmp_path / "metrics.jsonl"), key=lambda r: (r["arm"], r["step"])
+    )
+    want = sorted(
+        _metrics_without_wall(ref_dir / "metrics.jsonl"), key=lambda r: (r["arm"], r["step"])
+    )
     assert got == want  # nothing logged twice, nothing lost
 
 
@@ -131,16 +151,19 @@ def test_resume_with_other_settings_is_refused(run_dir, tmp_path):
     assert (tmp_path / "config.json").read_text() == before
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("steps", 0, "steps must be a positive integer"),
-    ("batch_size", 1, "batch_size must be at least 2"),
-    ("lr", -0.1, "lr must be a positive number"),
-    ("lr", float("nan"), "lr must be a positive number"),
-    ("checkpoint_every", 130, "multiple of eval_every"),
-    ("unit", 100, "unit must be in 0..99"),
-    ("workers", 3, "workers must be 1 or 2"),
-    ("dataset", "cifar", "dataset must be"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("steps", 0, "steps must be a positive integer"),
+        ("batch_size", 1, "batch_size must be at least 2"),
+        ("lr", -0.1, "lr must be a positive number"),
+        ("lr", float("nan"), "lr must be a positive number"),
+        ("checkpoint_every", 130, "multiple of eval_every"),
+        ("unit", 100, "unit must be in 0..99"),
+        ("workers", 3, "workers must be 1 or 2"),
+        ("dataset", "cifar", "dataset must be"),
+    ],
+)
 def test_bad_config_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(CFG, **{field: value})
@@ -157,9 +180,26 @@ def test_two_processes_match_one(run_dir, tmp_path):
 def test_resume_after_sigkill_via_cli(run_dir, tmp_path):
     """Kill the real CLI (both worker processes) mid-run, resume, compare with the reference run."""
     _, ref = run_dir
-    cmd = [sys.executable, "-m", "batchnorm.cli", "reproduce", "fig1", "--dataset", "digits",
-           "--steps", "200", "--eval-every", "50", "--checkpoint-every", "100", "--workers", "2",
-           "--out", str(tmp_path), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "batchnorm.cli",
+        "reproduce",
+        "fig1",
+        "--dataset",
+        "digits",
+        "--steps",
+        "200",
+        "--eval-every",
+        "50",
+        "--checkpoint-every",
+        "100",
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "checkpoint-bn.pt").exists():

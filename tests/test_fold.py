@@ -27,7 +27,11 @@ def _randomize_bn(model, gen):
 def _check(model, x):
     folded = fold_batchnorm(model)
     assert model.training  # the original is untouched
-    bn_left = [m for m in folded.modules() if isinstance(m, (BatchNormBase, nn.modules.batchnorm._BatchNorm))]
+    bn_left = [
+        m
+        for m in folded.modules()
+        if isinstance(m, (BatchNormBase, nn.modules.batchnorm._BatchNorm))
+    ]
     assert not bn_left
     torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-10, atol=1e-10)
     return folded
@@ -46,11 +50,18 @@ def test_conv_bn_fold_equals_eval_model(dim, groups, bias, ours, affine, seed):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dim - 1]
-    bn = ([BatchNorm1d, BatchNorm2d, nn.BatchNorm3d] if ours else
-          [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d])[dim - 1]
+    bn = (
+        [BatchNorm1d, BatchNorm2d, nn.BatchNorm3d]
+        if ours
+        else [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d]
+    )[dim - 1]
     model = nn.Sequential(
-        conv(4, 6, 3, groups=groups, bias=bias, padding=1), bn(6, affine=affine), nn.ReLU(),
-        conv(6, 4, 1, groups=2, bias=not bias), bn(4), bn(4),  # BN after BN: the second is an affine
+        conv(4, 6, 3, groups=groups, bias=bias, padding=1),
+        bn(6, affine=affine),
+        nn.ReLU(),
+        conv(6, 4, 1, groups=2, bias=not bias),
+        bn(4),
+        bn(4),  # BN after BN: the second is an affine
     ).double()
     _randomize_bn(model, gen)
     x = torch.randn((3, 4) + (5,) * dim, dtype=torch.float64, generator=gen)
@@ -71,8 +82,13 @@ def test_linear_bn_fold_and_nested_modules(bias):
         def forward(self, x):
             return torch.tanh(self.bn(self.fc(x)))
 
-    model = nn.Sequential(nn.Linear(7, 5, bias=bias), BatchNorm1d(5), nn.Sigmoid(), Block(),
-                          nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))).double()
+    model = nn.Sequential(
+        nn.Linear(7, 5, bias=bias),
+        BatchNorm1d(5),
+        nn.Sigmoid(),
+        Block(),
+        nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)),
+    ).double()
     _randomize_bn(model, gen)
     folded = _check(model, torch.randn(4, 7, dtype=torch.float64, generator=gen))
     assert isinstance(folded[3].bn, nn.Identity) and isinstance(folded[4][1], nn.Identity)
@@ -98,8 +114,13 @@ class _Basic(nn.Module):
 
 def test_fold_residual_blocks_completely():
     gen = torch.Generator().manual_seed(7)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          _Basic(4, 8, 2), _Basic(8, 8, 1)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        _Basic(4, 8, 2),
+        _Basic(8, 8, 1),
+    ).double()
     _randomize_bn(model, gen)
     folded = _check(model, torch.randn(2, 3, 10, 10, dtype=torch.float64, generator=gen))
     assert not any(isinstance(m, ChannelAffine) for m in folded.modules())  # all 7 in a conv
@@ -149,8 +170,12 @@ def test_channel_affine_keeps_bfloat16():
 
 def test_fold_float32_within_tolerance_and_bn_without_running_stats_left_alone():
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1),
-                          nn.BatchNorm2d(8, track_running_stats=False))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 8, 1),
+        nn.BatchNorm2d(8, track_running_stats=False),
+    )
     _randomize_bn(nn.Sequential(model[1]), torch.Generator().manual_seed(0))
     folded = fold_batchnorm(model)
     assert isinstance(folded[3], nn.BatchNorm2d)
@@ -161,9 +186,16 @@ def test_fold_float32_within_tolerance_and_bn_without_running_stats_left_alone()
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "identity"])
 def test_fold_keeps_activation_of_fused_bn_act_layers(activation):
     gen = torch.Generator().manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, activation=activation, negative_slope=0.2),
-                          nn.Conv2d(4, 4, 3), nn.Identity(), BatchNormAct2d(4, activation=activation),
-                          nn.Flatten(), nn.Linear(64, 5), BatchNormAct1d(5, activation=activation))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        BatchNormAct2d(4, activation=activation, negative_slope=0.2),
+        nn.Conv2d(4, 4, 3),
+        nn.Identity(),
+        BatchNormAct2d(4, activation=activation),
+        nn.Flatten(),
+        nn.Linear(64, 5),
+        BatchNormAct1d(5, activation=activation),
+    )
     model = model.double()
     _randomize_bn(model, gen)
     folded = _check(model, torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=gen))

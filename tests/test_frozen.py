@@ -15,8 +15,16 @@ from batchnorm import (
 
 def _trained_net():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
-                        nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 5), nn.BatchNorm1d(5))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 5),
+        nn.BatchNorm1d(5),
+    )
     for _ in range(3):
         net(torch.randn(8, 3, 8, 8) * 2 + 1)
     return net
@@ -66,8 +74,12 @@ def test_switches_are_independent(use_batch_stats, update_stats):
     ref = nn.BatchNorm1d(3, momentum=0.2)
     ref.running_mean.uniform_(-1, 1)
     ref.running_var.uniform_(0.5, 2)
-    layer = freeze_batchnorm(nn.Sequential(ref), use_batch_stats=use_batch_stats,
-                             update_stats=update_stats, train_affine=True)[0]
+    layer = freeze_batchnorm(
+        nn.Sequential(ref),
+        use_batch_stats=use_batch_stats,
+        update_stats=update_stats,
+        train_affine=True,
+    )[0]
     rm0, rv0 = layer.running_mean.clone(), layer.running_var.clone()
     x = torch.randn(10, 3) * 3
     y = layer(x)

@@ -12,13 +12,18 @@ import batchnorm.functional as BF
 from batchnorm.ops import op
 
 F64 = torch.float64
-PROPS = settings(max_examples=25, deadline=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _params(c, dtype=F64):
-    return (torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype),
-            torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5)
+    return (
+        torch.rand(c, dtype=dtype) + 0.5,
+        torch.randn(c, dtype=dtype),
+        torch.randn(c, dtype=dtype),
+        torch.rand(c, dtype=dtype) + 0.5,
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 3), (3, 4, 5), (2, 3, 1, 4), (2, 2, 3, 1, 2)])
@@ -37,8 +42,9 @@ def test_matches_torch_functional(bn_core_backend, shape, training, momentum):
 
 def test_training_without_running_stats_uses_batch_stats(bn_core_backend):
     x = torch.randn(4, 3, 2, dtype=F64)
-    torch.testing.assert_close(BF.batch_norm(x, None, None, training=True),
-                               F.batch_norm(x, None, None, training=True))
+    torch.testing.assert_close(
+        BF.batch_norm(x, None, None, training=True), F.batch_norm(x, None, None, training=True)
+    )
 
 
 def test_cumulative_momentum_none_with_counter():
@@ -60,10 +66,12 @@ def test_gradcheck_training(bn_core_backend, shape):
     w = (torch.rand(c, dtype=F64) + 0.5).requires_grad_()
     b = torch.randn(c, dtype=F64).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x, w, b: BF.batch_norm(x, None, None, w, b, training=True, eps=1e-3), (x, w, b))
+        lambda x, w, b: BF.batch_norm(x, None, None, w, b, training=True, eps=1e-3), (x, w, b)
+    )
     assert torch.autograd.gradcheck(lambda x: op.batch_norm_train(x, None, None, 1e-3)[0], (x,))
     assert torch.autograd.gradgradcheck(
-        lambda x, w, b: BF.batch_norm(x, None, None, w, b, training=True, eps=1e-3), (x, w, b))
+        lambda x, w, b: BF.batch_norm(x, None, None, w, b, training=True, eps=1e-3), (x, w, b)
+    )
 
 
 def test_gradcheck_channels_last(bn_core_backend):
@@ -71,15 +79,16 @@ def test_gradcheck_channels_last(bn_core_backend):
     x.requires_grad_()
     w = (torch.rand(3, dtype=F64) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x, w: BF.batch_norm(x, None, None, w, None, training=True), (x, w))
+        lambda x, w: BF.batch_norm(x, None, None, w, None, training=True), (x, w)
+    )
 
 
 def test_gradcheck_eval():
     x = torch.randn(2, 3, 2, dtype=F64, requires_grad=True)
     w, b, rm, rv = (t.requires_grad_() for t in _params(3))
     assert torch.autograd.gradcheck(
-        lambda x, w, b: BF.batch_norm(x, rm.detach(), rv.detach(), w, b, training=False),
-        (x, w, b))
+        lambda x, w, b: BF.batch_norm(x, rm.detach(), rv.detach(), w, b, training=False), (x, w, b)
+    )
 
 
 def test_bias_without_weight_gets_its_gradient(bn_core_backend):
@@ -140,10 +149,15 @@ def test_permuting_the_batch_permutes_the_output(bn_core_backend, n, c, h, seed)
 
 
 @PROPS
-@given(n=st.integers(2, 6), c=st.integers(1, 4), seed=st.integers(0, 99),
-       log_scale=st.lists(st.floats(-2, 2), min_size=4, max_size=4))
+@given(
+    n=st.integers(2, 6),
+    c=st.integers(1, 4),
+    seed=st.integers(0, 99),
+    log_scale=st.lists(st.floats(-2, 2), min_size=4, max_size=4),
+)
 def test_positive_per_channel_scaling_of_input_leaves_output_unchanged(
-        bn_core_backend, n, c, seed, log_scale):
+    bn_core_backend, n, c, seed, log_scale
+):
     """BN(a·x) = BN(x) for a > 0 per channel, up to eps (here eps ≪ var, so tightly)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, 3, dtype=F64, generator=g) + 1

@@ -7,11 +7,14 @@ from batchnorm import GhostBatchNorm1d, GhostBatchNorm2d
 from batchnorm.ops import reference
 
 
-@pytest.mark.parametrize("cls,shape,vbs", [
-    (GhostBatchNorm1d, (24, 4), 8),
-    (GhostBatchNorm1d, (20, 4, 3), 6),  # uneven: chunks 6, 6, 6, 2
-    (GhostBatchNorm2d, (10, 3, 4, 4), 4),  # chunks 4, 4, 2
-])
+@pytest.mark.parametrize(
+    "cls,shape,vbs",
+    [
+        (GhostBatchNorm1d, (24, 4), 8),
+        (GhostBatchNorm1d, (20, 4, 3), 6),  # uneven: chunks 6, 6, 6, 2
+        (GhostBatchNorm2d, (10, 3, 4, 4), 4),  # chunks 4, 4, 2
+    ],
+)
 def test_ghost_equals_batchnorm_applied_per_chunk(cls, shape, vbs):
     torch.manual_seed(0)
     layer = cls(shape[1], virtual_batch_size=vbs, momentum=0.3).double()

@@ -17,21 +17,26 @@ from torch import nn
 
 import batchnorm
 
-PAIRS = {1: (nn.BatchNorm1d, batchnorm.BatchNorm1d), 2: (nn.BatchNorm2d, batchnorm.BatchNorm2d),
-         3: (nn.BatchNorm3d, batchnorm.BatchNorm3d)}
+PAIRS = {
+    1: (nn.BatchNorm1d, batchnorm.BatchNorm1d),
+    2: (nn.BatchNorm2d, batchnorm.BatchNorm2d),
+    3: (nn.BatchNorm3d, batchnorm.BatchNorm3d),
+}
 # Tolerance relative to the largest magnitude compared (half types: a few ulps of the output).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 MOMENTA = [0.1, None, 0.0, 1.0, 0.37]
-FAST = settings(max_examples=25, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def close(actual, expected, tol, what="", same_dtype=True):
     if same_dtype:
         assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     scale = max(1.0, expected.double().abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected.double(), atol=tol * scale, rtol=tol,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 @st.composite
@@ -42,8 +47,9 @@ def layer_cases(draw):
     if kind == 1:
         spatial = draw(st.sampled_from([(), (1,), (2,), (7,)]))
     else:
-        spatial = tuple(draw(st.lists(st.integers(1, 4 if kind == 2 else 3),
-                                      min_size=kind + 0, max_size=kind)))
+        spatial = tuple(
+            draw(st.lists(st.integers(1, 4 if kind == 2 else 3), min_size=kind + 0, max_size=kind))
+        )
     shape = (n, c, *spatial)
     train = draw(st.booleans())
     track = draw(st.booleans())
@@ -51,7 +57,10 @@ def layer_cases(draw):
         n = 2  # batch statistics need two values per channel (tested separately in bad input)
         shape = (n, c, *spatial)
     return dict(
-        kind=kind, shape=shape, train=train, track=track,
+        kind=kind,
+        shape=shape,
+        train=train,
+        track=track,
         affine=draw(st.booleans()),
         bias=draw(st.booleans()),
         momentum=draw(st.sampled_from(MOMENTA)),
@@ -88,8 +97,9 @@ def check_parity(case, dtype, steps=2, layer_dtype=None):
         layer_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     fast = batchnorm.get_backend() == "auto" and dtype in (torch.float32, torch.bfloat16)
     oracle64 = fast  # compared with a float64 oracle
-    flags = dict(affine=case["affine"], track_running_stats=case["track"],
-                 momentum=case["momentum"])
+    flags = dict(
+        affine=case["affine"], track_running_stats=case["track"], momentum=case["momentum"]
+    )
     ours = our_cls(case["shape"][1], **flags, bias=case.get("bias", True), dtype=layer_dtype)
     _randomize(ours)
     theirs = torch_cls(case["shape"][1], **flags, dtype=torch.float64 if oracle64 else layer_dtype)
@@ -161,17 +171,35 @@ def test_torch_bfloat16_is_not_an_oracle():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_matches_torch_nn_all_half_layer(bn_core_backend, dtype):
-    case = dict(kind=2, shape=(3, 4, 5, 3), train=True, track=True, affine=True, momentum=0.1,
-                channels_last=True, offset=1.0)
+    case = dict(
+        kind=2,
+        shape=(3, 4, 5, 3),
+        train=True,
+        track=True,
+        affine=True,
+        momentum=0.1,
+        channels_last=True,
+        offset=1.0,
+    )
     check_parity(case, dtype, layer_dtype=dtype)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 1.0, None])
-@pytest.mark.parametrize("kind,shape", [(1, (2, 3)), (1, (2, 3, 1)), (2, (2, 3, 1, 1)),
-                                        (2, (5, 3, 7, 1)), (3, (2, 2, 1, 3, 1))])
+@pytest.mark.parametrize(
+    "kind,shape",
+    [(1, (2, 3)), (1, (2, 3, 1)), (2, (2, 3, 1, 1)), (2, (5, 3, 7, 1)), (3, (2, 2, 1, 3, 1))],
+)
 def test_edge_shapes_and_momenta(bn_core_backend, kind, shape, momentum):
-    case = dict(kind=kind, shape=shape, train=True, track=True, affine=True, momentum=momentum,
-                channels_last=False, offset=0.0)
+    case = dict(
+        kind=kind,
+        shape=shape,
+        train=True,
+        track=True,
+        affine=True,
+        momentum=momentum,
+        channels_last=False,
+        offset=0.0,
+    )
     check_parity(case, torch.float64, steps=3)
 
 
@@ -326,12 +354,15 @@ def test_half_input_in_the_hundreds_through_the_layer(dtype):
     ulp = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
     assert (y.double() - want_y).abs().max() <= 8 * ulp
     assert (x.grad.double() - want_dx).abs().max() <= 8 * ulp * want_dx.abs().max()
-    torch.testing.assert_close(layer.running_mean.double(),
-                               0.9 * 0 + 0.1 * x.detach().double().mean((0, 2, 3)))
+    torch.testing.assert_close(
+        layer.running_mean.double(), 0.9 * 0 + 0.1 * x.detach().double().mean((0, 2, 3))
+    )
 
 
-@pytest.mark.parametrize("make", [lambda: batchnorm.BatchNorm2d(3),
-                                  lambda: batchnorm.BatchNormAct2d(3, "leaky_relu", 0.2)])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: batchnorm.BatchNorm2d(3), lambda: batchnorm.BatchNormAct2d(3, "leaky_relu", 0.2)],
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_parametrized_weight_and_buffer_are_used(make, training):
     """The layers read γ, β and the buffers from the module's tables for speed; a parametrized

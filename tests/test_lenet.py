@@ -12,10 +12,31 @@ from batchnorm.experiments import conv_training as T
 from batchnorm.experiments import lenet
 from batchnorm.experiments.runner import read_metrics
 
-SUMMARY_KEYS = {"experiment", "dataset", "nets", "bn_step_overhead", "published", "wall_seconds",
-                "train_examples", "test_examples", "steps_per_epoch", "bn_layers", "config"}
-NET_KEYS = {"test_acc", "test_loss", "best_test_acc", "wall_seconds", "ms_per_step", "epochs",
-            "train_acc", "test_acc_curve", "diverged", "steps"}
+SUMMARY_KEYS = {
+    "experiment",
+    "dataset",
+    "nets",
+    "bn_step_overhead",
+    "published",
+    "wall_seconds",
+    "train_examples",
+    "test_examples",
+    "steps_per_epoch",
+    "bn_layers",
+    "config",
+}
+NET_KEYS = {
+    "test_acc",
+    "test_loss",
+    "best_test_acc",
+    "wall_seconds",
+    "ms_per_step",
+    "epochs",
+    "train_acc",
+    "test_acc_curve",
+    "diverged",
+    "steps",
+}
 
 
 def _small(**kw) -> lenet.Config:
@@ -71,7 +92,8 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(tmp_path, monke
         assert a["test_loss"] == b["test_loss"], name
     recs = read_metrics(tmp_path / "cut" / "metrics.jsonl")
     assert [(r["variant"], r["step"]) for r in recs] == [
-        (r["variant"], r["step"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+        (r["variant"], r["step"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")
+    ]
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -85,7 +107,10 @@ def test_variants_follow_the_study_design():
     cfg = lenet.Config(dropout=0.3, recipe_lr_mult=5.0, lr=0.02)
     vs = {v.name: v for v in lenet.variants(cfg)}
     assert list(vs) == list(lenet.VARIANTS)
-    drop = {k: [m.p for m in v.build().modules() if isinstance(m, torch.nn.Dropout)] for k, v in vs.items()}
+    drop = {
+        k: [m.p for m in v.build().modules() if isinstance(m, torch.nn.Dropout)]
+        for k, v in vs.items()
+    }
     assert drop == {"no-BN": [0.3, 0.3], "BN": [0.3, 0.3], "BN-recipe": [0.0, 0.0]}
     assert vs["BN-recipe"].lr(0) == pytest.approx(5 * vs["BN"].lr(0)) and vs["BN"].lr(0) == 0.02
     assert all(not v.augment.off for v in vs.values())

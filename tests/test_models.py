@@ -17,7 +17,9 @@ def _bn_follows_and_no_bias(model: nn.Module) -> int:
     for a, b in zip(mods, mods[1:], strict=False):
         if isinstance(a, nn.Conv2d | nn.Linear) and isinstance(b, BatchNormBase):
             assert a.bias is None, f"{a} feeds BN but has a bias"
-            assert b.num_features == (a.out_channels if isinstance(a, nn.Conv2d) else a.out_features)
+            assert b.num_features == (
+                a.out_channels if isinstance(a, nn.Conv2d) else a.out_features
+            )
             pairs += 1
     return pairs
 
@@ -26,7 +28,9 @@ def _bn_before_nonlinearity(model: nn.Module) -> None:
     mods = [m for m in model.modules() if not isinstance(m, nn.Sequential | nn.ModuleList)]
     for a, b in zip(mods, mods[1:], strict=False):
         if isinstance(a, BatchNormBase):
-            assert isinstance(b, nn.ReLU | nn.Sigmoid), f"BN followed by {b}, expected the nonlinearity"
+            assert isinstance(b, nn.ReLU | nn.Sigmoid), (
+                f"BN followed by {b}, expected the nonlinearity"
+            )
 
 
 def test_lenet_shapes_and_layer_sizes():
@@ -40,7 +44,9 @@ def test_lenet_shapes_and_layer_sizes():
 def test_lenet_bn_has_four_bn_layers_before_relu_and_no_bias_before_them():
     m = LeNet(bn=True)
     assert count_bn_layers(m) == 4
-    assert [type(b) for b in m.modules() if isinstance(b, BatchNormBase)] == [BatchNorm2d] * 2 + [BatchNorm1d] * 2
+    assert [type(b) for b in m.modules() if isinstance(b, BatchNormBase)] == [BatchNorm2d] * 2 + [
+        BatchNorm1d
+    ] * 2
     assert _bn_follows_and_no_bias(m) == 4
     _bn_before_nonlinearity(m)
     plain = LeNet(bn=False)
@@ -73,8 +79,10 @@ def test_inception_block_concatenates_its_four_branches():
     block = m.blocks[0]
     y = block(torch.rand(2, block.b1[0].in_channels, 14, 14))
     assert y.shape == (2, block.out_channels, 14, 14)
-    assert block.out_channels == sum(b[-1][0].out_channels if isinstance(b[-1], nn.Sequential)
-                                     else b[0].out_channels for b in (block.b1, block.b3, block.bd, block.bp))
+    assert block.out_channels == sum(
+        b[-1][0].out_channels if isinstance(b[-1], nn.Sequential) else b[0].out_channels
+        for b in (block.b1, block.b3, block.bd, block.bp)
+    )
 
 
 def test_deep_mlp_depth_bn_dropout_and_init_scale():
@@ -111,10 +119,16 @@ def test_bn_models_train_a_step_and_match_torch_nn_batchnorm():
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: LeNet(dropout=1.0), lambda: InceptionNet(activation="tanh"), lambda: InceptionNet(width=0),
-    lambda: DeepMLP(depth=0), lambda: DeepMLP(init_scale=0.0),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: LeNet(dropout=1.0),
+        lambda: InceptionNet(activation="tanh"),
+        lambda: InceptionNet(width=0),
+        lambda: DeepMLP(depth=0),
+        lambda: DeepMLP(init_scale=0.0),
+    ],
+)
 def test_bad_arguments_raise_value_error(bad):
     with pytest.raises(ValueError):
         bad()

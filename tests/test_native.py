@@ -25,8 +25,20 @@ CPP_NODE = "TrainFn"  # the op's autograd node: torch::autograd::CppNode<...Trai
 TORCH_NODE = "NativeBatchNormBackward0"
 
 
-def _op(x, w=None, b=None, rm=None, rv=None, nbt=None, training=True, momentum=0.1, eps=1e-5,
-        act=0, slope=0.3, save=1):
+def _op(
+    x,
+    w=None,
+    b=None,
+    rm=None,
+    rv=None,
+    nbt=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    act=0,
+    slope=0.3,
+    save=1,
+):
     return native.op(x, w, b, rm, rv, nbt, training, momentum, eps, act, slope, save)
 
 
@@ -38,10 +50,25 @@ def _cl(x):
 def test_the_op_is_registered_once_with_its_schema():
     registered = torch.ops.batchnorm.batch_norm.default
     args = [a.name for a in registered._schema.arguments]
-    assert args == ["input", "weight", "bias", "running_mean", "running_var",
-                    "num_batches_tracked", "training", "momentum", "eps", "act", "slope", "save"]
-    mutated = [a.name for a in registered._schema.arguments
-               if a.alias_info is not None and a.alias_info.is_write]
+    assert args == [
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+        "training",
+        "momentum",
+        "eps",
+        "act",
+        "slope",
+        "save",
+    ]
+    mutated = [
+        a.name
+        for a in registered._schema.arguments
+        if a.alias_info is not None and a.alias_info.is_write
+    ]
     assert mutated == ["running_mean", "running_var", "num_batches_tracked"]
 
 
@@ -79,12 +106,14 @@ def _leaves(shape, affine, cl=False):
 def _fn(w, b, **kw):
     """The op as a function of the tensors gradcheck perturbs (x, then γ and β when given),
     returning all three outputs so the gradients of μ_B and σ²_B are checked too."""
+
     def f(*ts):
         it = iter(ts)
         xx = next(it)
         ww = next(it) if w is not None else None
         bb = next(it) if b is not None else None
         return _op(xx, ww, bb, **kw)
+
     return f
 
 
@@ -100,9 +129,17 @@ def test_gradcheck_and_gradgradcheck_every_activation_saved_and_affine(act, save
 
 
 @pytest.mark.parametrize("act,save", [(2, 0), (1, 1)])
-@pytest.mark.parametrize("shape,cl", [((6, 3), False), ((3, 3, 4), False), ((2, 3, 2, 3, 2), False),
-                                      ((2, 3, 2, 3, 2), True), ((2, 3, 1, 1), True)],
-                         ids=["2d", "3d", "5d", "5d-cl", "4d-cl-1x1"])
+@pytest.mark.parametrize(
+    "shape,cl",
+    [
+        ((6, 3), False),
+        ((3, 3, 4), False),
+        ((2, 3, 2, 3, 2), False),
+        ((2, 3, 2, 3, 2), True),
+        ((2, 3, 1, 1), True),
+    ],
+    ids=["2d", "3d", "5d", "5d-cl", "4d-cl-1x1"],
+)
 def test_gradcheck_and_gradgradcheck_other_layouts(shape, cl, act, save):
     x, w, b = _leaves(shape, "both", cl)
     f = _fn(w, b, act=act, save=save)
@@ -132,6 +169,7 @@ def test_kernel_backward_equals_the_differentiable_backward(act, save, cl):
 
 def test_second_order_gradient_penalty_matches_torch():
     """A gradient penalty through the op equals the same penalty through torch's kernel."""
+
     def penalty(fn, x, w, b):
         y = fn(x, w, b)
         (gx,) = torch.autograd.grad((y * y.detach().sin()).sum(), x, create_graph=True)
@@ -139,8 +177,9 @@ def test_second_order_gradient_penalty_matches_torch():
 
     x, w, b = _leaves((4, 3, 5, 5), "both")
     ours = penalty(lambda *a: _op(*a, act=2, save=0)[0], x, w, b)
-    theirs = penalty(lambda x, w, b: F.leaky_relu(F.batch_norm(x, None, None, w, b, True), 0.3),
-                     x, w, b)
+    theirs = penalty(
+        lambda x, w, b: F.leaky_relu(F.batch_norm(x, None, None, w, b, True), 0.3), x, w, b
+    )
     for a, t in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, t)
 
@@ -186,8 +225,9 @@ def _saved(act, save, w, x, slope=0.1):
     return y, [t for t in seen if t.shape == x.shape]
 
 
-@pytest.mark.parametrize("act,save,keeps", [(0, 1, "x"), (1, 1, "x"), (2, 1, "x"), (1, 0, "x"),
-                                            (2, 0, "y"), (0, 0, "y")])
+@pytest.mark.parametrize(
+    "act,save,keeps", [(0, 1, "x"), (1, 1, "x"), (2, 1, "x"), (1, 0, "x"), (2, 0, "y"), (0, 0, "y")]
+)
 def test_one_activation_sized_tensor_is_saved(act, save, keeps):
     x = torch.randn(8, 6, 5, 5, requires_grad=True)
     w = torch.ones(6, requires_grad=True)
@@ -225,8 +265,9 @@ def test_modifying_the_saved_tensor_in_place_is_caught(act, save, keeps):
 # ---------------------------------------------------------------- running statistics
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,cl", [((6, 5, 4, 3), False), ((6, 5, 4, 3), True),
-                                      ((12, 5), False)])
+@pytest.mark.parametrize(
+    "shape,cl", [((6, 5, 4, 3), False), ((6, 5, 4, 3), True), ((12, 5), False)]
+)
 def test_op_running_statistics_and_counter_match_torch_nn(momentum, dtype, shape, cl):
     layer = nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d
     ref = layer(5, momentum=momentum).to(dtype)
@@ -343,9 +384,13 @@ def test_fast_path_takes_exactly_what_the_kernels_compute():
     x = torch.randn(4, 3, 5, 5)
     w, b = torch.ones(3), torch.zeros(3)
     takes = [
-        (x, w, b), (_cl(x), w, b), (x.double(), w.double(), b.double()),
-        (x.bfloat16(), w.bfloat16(), b.bfloat16()), (x.bfloat16(), w, b),  # bf16: float32 params
-        (torch.randn(4, 3), None, None), (_cl(torch.randn(2, 3, 2, 2, 2)), None, None),
+        (x, w, b),
+        (_cl(x), w, b),
+        (x.double(), w.double(), b.double()),
+        (x.bfloat16(), w.bfloat16(), b.bfloat16()),
+        (x.bfloat16(), w, b),  # bf16: float32 params
+        (torch.randn(4, 3), None, None),
+        (_cl(torch.randn(2, 3, 2, 2, 2)), None, None),
         (x, nn.Parameter(w), nn.Parameter(b)),
     ]
     for args in takes:
@@ -353,7 +398,8 @@ def test_fast_path_takes_exactly_what_the_kernels_compute():
     declines = [
         (x.half(), None, None),  # float16: torch's kernel
         (x.transpose(0, 2), None, None),  # neither contiguous nor channels_last
-        (torch.randn(3), None, None), (torch.randn(2, 3, 1, 1, 1, 2), None, None),  # rank 1, 6
+        (torch.randn(3), None, None),
+        (torch.randn(2, 3, 1, 1, 1, 2), None, None),  # rank 1, 6
         (torch.randn(0, 3, 2), None, None),  # empty
         (x, w.double(), b),  # γ in another dtype
         (x.double(), w, b),  # float32 γ with float64 input: only bfloat16 input mixes
@@ -375,6 +421,7 @@ def test_fast_path_takes_exactly_what_the_kernels_compute():
 def test_other_devices_never_trigger_the_build(monkeypatch):
     """Only a CPU input may build or load the extension: a meta (or CUDA) input, or one the kernels
     do not take, is decided without it."""
+
     def forbidden(*_a, **_k):
         raise AssertionError("native.load() was called")
 
@@ -440,8 +487,17 @@ def test_large_batch_matches_float64_truth():
             y = bn(xg)
             assert (CPP_NODE in y.grad_fn.name()) == (backend == "auto")
             y.backward(g.to(dtype))
-            return [t.double() for t in (y.detach(), xg.grad, bn.weight.grad, bn.bias.grad,
-                                         bn.running_mean, bn.running_var)]
+            return [
+                t.double()
+                for t in (
+                    y.detach(),
+                    xg.grad,
+                    bn.weight.grad,
+                    bn.bias.grad,
+                    bn.running_mean,
+                    bn.running_var,
+                )
+            ]
         finally:
             op.set_backend(old)
 
@@ -539,8 +595,9 @@ def test_env_switch_off_in_a_fresh_process_gives_torch_nn_numbers():
         print("OK")
     """)
     env = dict(os.environ, BATCHNORM_NATIVE="0", BATCHNORM_CPU_CACHE_MB="3")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240
+    )
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stderr[-3000:]
     assert "compiling" not in out.stderr
 

@@ -13,8 +13,9 @@ from batchnorm import BatchNorm1d, BatchNorm2d, GhostBatchNorm1d, recompute_popu
 
 def _mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
-                         nn.BatchNorm1d(3)).double()
+    return nn.Sequential(
+        nn.Linear(4, 6), BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3), nn.BatchNorm1d(3)
+    ).double()
 
 
 def _direct(model, batches):
@@ -24,15 +25,19 @@ def _direct(model, batches):
     for x in batches:
         h = fc1(x)
         acc[1].append((len(h), h.mean(0), h.var(0, unbiased=False)))
-        h = torch.relu((h - h.mean(0)) / (h.var(0, unbiased=False) + 1e-5).sqrt()
-                       * model[1].weight + model[1].bias)
+        h = torch.relu(
+            (h - h.mean(0)) / (h.var(0, unbiased=False) + 1e-5).sqrt() * model[1].weight
+            + model[1].bias
+        )
         h = fc2(h)
         acc[4].append((len(h), h.mean(0), h.var(0, unbiased=False)))
     out = {}
     for i, stats in acc.items():
         m_tot = sum(m for m, _, _ in stats)
-        out[i] = (sum(m * mu for m, mu, _ in stats) / m_tot,  # Σ m_k μ_k / Σ m_k
-                  sum(m * v for m, _, v in stats) / sum(m - 1 for m, _, _ in stats))
+        out[i] = (
+            sum(m * mu for m, mu, _ in stats) / m_tot,  # Σ m_k μ_k / Σ m_k
+            sum(m * v for m, _, v in stats) / sum(m - 1 for m, _, _ in stats),
+        )
     return out
 
 
@@ -62,7 +67,9 @@ def test_equal_batches_are_algorithm_2_exactly():
     means = torch.stack([b.mean((0, 2, 3)) for b in batches])
     bvars = torch.stack([b.var((0, 2, 3), unbiased=False) for b in batches])
     torch.testing.assert_close(model[0].running_mean, means.mean(0))  # E_B[μ_B]
-    torch.testing.assert_close(model[0].running_var, m / (m - 1) * bvars.mean(0))  # m/(m−1)·E_B[σ²_B]
+    torch.testing.assert_close(
+        model[0].running_var, m / (m - 1) * bvars.mean(0)
+    )  # m/(m−1)·E_B[σ²_B]
 
 
 @settings(max_examples=20, deadline=None)

@@ -50,8 +50,11 @@ def test_backward_without_weight_is_unit_gamma():
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=st.lists(st.integers(1, 5), min_size=2, max_size=5).filter(
-    lambda s: s[0] * (s[2] if len(s) > 2 else 1) >= 2))
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=2, max_size=5).filter(
+        lambda s: s[0] * (s[2] if len(s) > 2 else 1) >= 2
+    )
+)
 def test_batch_stats_match_float64_var_mean(shape):
     x = torch.randn(shape, dtype=torch.float64) * 2 + 5
     mean, var = R.batch_stats(x)
@@ -87,8 +90,12 @@ def test_float32_large_mean_offset_is_accurate(shape):
     dy = torch.randn(shape, dtype=torch.float64)
     dx, dw, db = R.backward(dy.float(), x, mean, var, None, 1e-8)
     xr = x64.clone().requires_grad_()
-    paper_forward(xr, torch.ones(shape[1], dtype=torch.float64),
-                  torch.zeros(shape[1], dtype=torch.float64), 1e-8).backward(dy)
+    paper_forward(
+        xr,
+        torch.ones(shape[1], dtype=torch.float64),
+        torch.zeros(shape[1], dtype=torch.float64),
+        1e-8,
+    ).backward(dy)
     scale = xr.grad.abs().max()
     assert ((dx.double() - xr.grad).abs().max() / scale) < 1e-4
     assert ((dw.double() - (dy * want).sum(R.reduce_dims(x))).abs().max()) < 1e-3

@@ -17,11 +17,14 @@ def _pair(cls, tcls, c, **kw):
     return ours, ref
 
 
-@pytest.mark.parametrize("cls,tcls,shape", [
-    (BatchRenorm1d, torch.nn.BatchNorm1d, (16, 5)),
-    (BatchRenorm1d, torch.nn.BatchNorm1d, (8, 5, 3)),
-    (BatchRenorm2d, torch.nn.BatchNorm2d, (4, 5, 3, 3)),
-])
+@pytest.mark.parametrize(
+    "cls,tcls,shape",
+    [
+        (BatchRenorm1d, torch.nn.BatchNorm1d, (16, 5)),
+        (BatchRenorm1d, torch.nn.BatchNorm1d, (8, 5, 3)),
+        (BatchRenorm2d, torch.nn.BatchNorm2d, (4, 5, 3, 3)),
+    ],
+)
 def test_renorm_with_r_max_1_d_max_0_equals_batchnorm_in_training(cls, tcls, shape):
     ours, ref = _pair(cls, tcls, shape[1], r_max=1.0, d_max=0.0)
     for step in range(3):  # running stats drift away from the batch's: r, d would matter otherwise

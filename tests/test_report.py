@@ -13,7 +13,9 @@ from batchnorm.experiments import fig1
 from batchnorm.experiments.report import render_report
 from batchnorm.experiments.runner import read_json
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if shutil.os.path.exists("/usr/bin/chromium") else None)
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if shutil.os.path.exists("/usr/bin/chromium") else None
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,9 @@ def run_dir(tmp_path_factory):
 
 def test_report_is_self_contained_with_claims_settings_versions(run_dir):
     page = (run_dir / "report.html").read_text()
-    assert re.search(r"<(img|script|link)[^>]+(src|href)=['\"](?!data:)", page) is None  # no external refs
+    assert (
+        re.search(r"<(img|script|link)[^>]+(src|href)=['\"](?!data:)", page) is None
+    )  # no external refs
     imgs = re.findall(r"src='data:image/png;base64,([^']+)'", page)
     assert len(imgs) == 1
     png = base64.b64decode(imgs[0])
@@ -53,19 +57,33 @@ def test_report_escapes_html(run_dir, tmp_path):
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian package chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium not installed (Debian package chromium)"
+)
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     """Load the page; a small script marks the title once every image has decoded."""
     page = (run_dir / "report.html").read_text()
-    probe = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
-             "document.title=(i.length>0&&i.every(x=>x.complete&&x.naturalWidth>0))"
-             "?'IMAGES_OK_'+i.length+'_'+i[0].naturalWidth:'IMAGES_BROKEN';});</script>")
+    probe = (
+        "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+        "document.title=(i.length>0&&i.every(x=>x.complete&&x.naturalWidth>0))"
+        "?'IMAGES_OK_'+i.length+'_'+i[0].naturalWidth:'IMAGES_BROKEN';});</script>"
+    )
     probed = tmp_path / "probe.html"
     probed.write_text(page.replace("</body>", probe + "</body>"))
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-           probed.as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        probed.as_uri(),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r"<title>(.*?)</title>", r.stdout)

@@ -71,8 +71,11 @@ class _Cfg:
 
 
 def _snapshot(d) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("flags", [{}, {"resume": True}, {"overwrite": True}])
@@ -83,8 +86,13 @@ def test_a_directory_of_the_users_own_files_is_left_byte_for_byte(tmp_path, flag
     (tmp_path / "notes.txt").write_text("thesis draft")
     before = _snapshot(tmp_path)
     with pytest.raises(runner.RunDirError, match="nothing was changed"):
-        runner.prepare_run_dir(tmp_path, "fig1", _Cfg(), resume=flags.get("resume", False),
-                               overwrite=flags.get("overwrite", False))
+        runner.prepare_run_dir(
+            tmp_path,
+            "fig1",
+            _Cfg(),
+            resume=flags.get("resume", False),
+            overwrite=flags.get("overwrite", False),
+        )
     assert _snapshot(tmp_path) == before
 
 
@@ -110,7 +118,9 @@ def test_an_existing_run_needs_resume_or_overwrite(tmp_path):
     runner.prepare_run_dir(tmp_path, "fig1", _Cfg(), resume=True)  # the same settings: fine
     assert (tmp_path / "checkpoint-bn.pt").exists() and (tmp_path / "metrics.jsonl").exists()
     runner.prepare_run_dir(tmp_path, "fig1", _Cfg(lr=0.5), resume=False, overwrite=True)
-    assert not (tmp_path / "checkpoint-bn.pt").exists() and not (tmp_path / "metrics.jsonl").exists()
+    assert (
+        not (tmp_path / "checkpoint-bn.pt").exists() and not (tmp_path / "metrics.jsonl").exists()
+    )
     assert (tmp_path / "fig1-notes.txt").read_text() == "kept"  # only the run's own files go
 
 
@@ -140,15 +150,28 @@ def test_cli_version(capsys):
 
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
-    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"batchnorm {batchnorm.__version__}"
+    assert (
+        e.value.code == 0
+        and capsys.readouterr().out.strip() == f"batchnorm {batchnorm.__version__}"
+    )
 
 
 def test_a_missing_data_dir_is_an_error_before_the_run_directory_is_made(tmp_path, capsys):
     from batchnorm import cli
 
     out = tmp_path / "run"
-    rc = cli.main(["reproduce", "fig1", "--quick", "--data-dir", str(tmp_path / "nope"),
-                   "--out", str(out), "--quiet"])
+    rc = cli.main(
+        [
+            "reproduce",
+            "fig1",
+            "--quick",
+            "--data-dir",
+            str(tmp_path / "nope"),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "--data-dir" in err and "not a directory" in err
     assert not out.exists()

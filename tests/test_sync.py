@@ -28,8 +28,9 @@ def _init(rank, world, port, timeout=30):
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
+    )
 
 
 def _data(sizes, shape, step):
@@ -41,7 +42,7 @@ def _data(sizes, shape, step):
 
 def _slice(t, sizes, rank):
     start = sum(sizes[:rank])
-    return t[start:start + sizes[rank]]
+    return t[start : start + sizes[rank]]
 
 
 def _equivalence_worker(rank, world, port, sizes, shape, out):
@@ -56,8 +57,11 @@ def _equivalence_worker(rank, world, port, sizes, shape, out):
 
         setattr(dist, name, counted)
     torch.manual_seed(0)
-    net = convert_sync_batchnorm(nn.Sequential(BatchNorm2d(C, momentum=0.3) if len(shape) == 2
-                                               else nn.BatchNorm1d(C, momentum=0.3))).double()
+    net = convert_sync_batchnorm(
+        nn.Sequential(
+            BatchNorm2d(C, momentum=0.3) if len(shape) == 2 else nn.BatchNorm1d(C, momentum=0.3)
+        )
+    ).double()
     layer = net[0]
     assert isinstance(layer, SyncBatchNorm)
     with torch.no_grad():
@@ -70,8 +74,12 @@ def _equivalence_worker(rank, world, port, sizes, shape, out):
         layer.zero_grad()
         y = net(xr)
         (y * _slice(g, sizes, rank)).sum().backward()
-        res[step] = {"y": y.detach(), "dx": xr.grad, "dw": layer.weight.grad.clone(),
-                     "db": layer.bias.grad.clone()}
+        res[step] = {
+            "y": y.detach(),
+            "dx": xr.grad,
+            "dw": layer.weight.grad.clone(),
+            "db": layer.bias.grad.clone(),
+        }
     res["running_mean"], res["running_var"] = layer.running_mean, layer.running_var
     res["nbt"] = int(layer.num_batches_tracked)
     res["calls"] = dict(calls)
@@ -95,7 +103,7 @@ def _spawn(fn, world, args, deadline=60.0):
 def test_sync_equals_single_process_bn_over_concatenated_batch(tmp_path, sizes, shape):
     world = len(sizes)
     _spawn(_equivalence_worker, world, (_free_port(), sizes, shape, str(tmp_path)))
-    ref = (nn.BatchNorm2d(C, momentum=0.3) if len(shape) == 2 else nn.BatchNorm1d(C, momentum=0.3))
+    ref = nn.BatchNorm2d(C, momentum=0.3) if len(shape) == 2 else nn.BatchNorm1d(C, momentum=0.3)
     ref = ref.double()
     with torch.no_grad():
         ref.weight.copy_(torch.linspace(0.5, 1.5, C))
@@ -155,8 +163,10 @@ def _failure_worker(rank, world, port, mode, out):
 def test_a_rank_that_dies_stalls_or_never_joins_gives_an_error_within_the_timeout(tmp_path):
     # the three scenarios run side by side (they mostly wait), each in its own world of 2
     modes = {"stalls": 2, "dies": 2, "never_joins": 1}  # never_joins: rank 1 is never started
-    ctxs = [mp.spawn(_failure_worker, args=(2, _free_port(), mode, str(tmp_path)), nprocs=n,
-                     join=False) for mode, n in modes.items()]
+    ctxs = [
+        mp.spawn(_failure_worker, args=(2, _free_port(), mode, str(tmp_path)), nprocs=n, join=False)
+        for mode, n in modes.items()
+    ]
     end = time.monotonic() + 40
     for p in [p for ctx in ctxs for p in ctx.processes]:
         p.join(timeout=max(0.1, end - time.monotonic()))

@@ -50,9 +50,18 @@ __all__ = [
     "set_backend",
 ]
 __all__ += [
-    "BatchRenorm1d", "BatchRenorm2d", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "GhostBatchNorm1d",
-    "GhostBatchNorm2d", "SyncBatchNorm", "convert_sync_batchnorm", "fold_batchnorm",
-    "freeze_batchnorm", "recompute_population_stats", "unfreeze_batchnorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "fold_batchnorm",
+    "freeze_batchnorm",
+    "recompute_population_stats",
+    "unfreeze_batchnorm",
 ]
 __all__ += ["diagnostics"]
 __all__ += ["BatchNormAct1d", "BatchNormAct2d", "fuse_bn_act"]

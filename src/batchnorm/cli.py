@@ -43,7 +43,10 @@ def _typed(tp: type, name: str):
         try:
             return tp(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {tp.__name__} for --{name}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {tp.__name__} for --{name}, got {text!r}"
+            ) from None
+
     convert.__name__ = tp.__name__
     return convert
 
@@ -57,8 +60,13 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         opt = _kebab(f.name)
         if tp is bool:
-            parser.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=f"{helptext} (default: {default})")
+            parser.add_argument(
+                opt,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{helptext} (default: {default})",
+            )
             continue
         origin = typing.get_origin(tp)
         if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
@@ -66,35 +74,50 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
             tp = args[0] if len(args) == 1 else str
         if tp not in _CONVERT:
             continue  # complex fields are config-file only
-        parser.add_argument(opt, dest=f.name, type=_typed(tp, f.name.replace("_", "-")),
-                            choices=f.metadata.get("choices"), default=None,
-                            metavar=f.metadata.get("metavar", tp.__name__.upper()),
-                            help=f"{helptext} (default: {default})")
+        parser.add_argument(
+            opt,
+            dest=f.name,
+            type=_typed(tp, f.name.replace("_", "-")),
+            choices=f.metadata.get("choices"),
+            default=None,
+            metavar=f.metadata.get("metavar", tp.__name__.upper()),
+            help=f"{helptext} (default: {default})",
+        )
 
 
 def announce_quick(cls: type, command: str) -> None:
     """Say on stderr what ``--quick`` changes (data and scale), so its numbers are not read as the
     full run's."""
     full, quick = dataclasses.asdict(cls()), dataclasses.asdict(cls.quick())
-    changed = ", ".join(f"{k}={quick[k]!r} (full run: {full[k]!r})" for k in quick
-                        if quick[k] != full[k])
-    print(f"batchnorm {command} --quick: a small run, not the paper's scale; it sets {changed}",
-          file=sys.stderr)
+    changed = ", ".join(
+        f"{k}={quick[k]!r} (full run: {full[k]!r})" for k in quick if quick[k] != full[k]
+    )
+    print(
+        f"batchnorm {command} --quick: a small run, not the paper's scale; it sets {changed}",
+        file=sys.stderr,
+    )
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The full parser; only the experiment named in ``argv`` (if any) is imported."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = argv[1] if len(argv) > 1 and argv[0] == "reproduce" else None
-    p = argparse.ArgumentParser(prog="batchnorm", allow_abbrev=False,
-                                description="Batch Normalization (Ioffe & Szegedy 2015): the paper's experiments.")
+    p = argparse.ArgumentParser(
+        prog="batchnorm",
+        allow_abbrev=False,
+        description="Batch Normalization (Ioffe & Szegedy 2015): the paper's experiments.",
+    )
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"batchnorm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    rep = sub.add_parser("reproduce", help="run one of the paper's experiments", allow_abbrev=False,
-                         description="Run an experiment; `batchnorm reproduce NAME --help` lists its options.")
+    rep = sub.add_parser(
+        "reproduce",
+        help="run one of the paper's experiments",
+        allow_abbrev=False,
+        description="Run an experiment; `batchnorm reproduce NAME --help` lists its options.",
+    )
     rsub = rep.add_subparsers(dest="experiment", metavar="NAME", required=True)
     for name in sorted(EXPERIMENTS):
         if name != chosen:  # importing every experiment would be slow and fragile
@@ -102,20 +125,36 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             continue
         mod = load_experiment(name)
         doc = (mod.__doc__ or "").strip().splitlines()
-        ep = rsub.add_parser(name, help=doc[0] if doc else name, allow_abbrev=False,
-                             description=doc[0] if doc else None)
+        ep = rsub.add_parser(
+            name,
+            help=doc[0] if doc else name,
+            allow_abbrev=False,
+            description=doc[0] if doc else None,
+        )
         add_config_options(ep, mod.Config)
-        ep.add_argument("--quick", action="store_true",
-                        help="a small CI-sized run (prints the settings it changes); its numbers "
-                             "are not the paper's scale")
-        ep.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/{name})")
-        ep.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-        ep.add_argument("--overwrite", action="store_true",
-                        help="start the run in --out again, replacing its checkpoints, metrics and report")
+        ep.add_argument(
+            "--quick",
+            action="store_true",
+            help="a small CI-sized run (prints the settings it changes); its numbers "
+            "are not the paper's scale",
+        )
+        ep.add_argument(
+            "--out", type=Path, default=None, help=f"run directory (default: runs/{name})"
+        )
+        ep.add_argument(
+            "--resume", action="store_true", help="continue the run in --out from its checkpoint"
+        )
+        ep.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start the run in --out again, replacing its checkpoints, metrics and report",
+        )
         ep.add_argument("--quiet", action="store_true", help="no progress bars")
         ep.set_defaults(func=_cmd_reproduce, _module=mod, _parser=ep)
 
-    r = sub.add_parser("report", help="re-render report.html from a run directory", allow_abbrev=False)
+    r = sub.add_parser(
+        "report", help="re-render report.html from a run directory", allow_abbrev=False
+    )
     r.add_argument("run_dir", type=Path, metavar="DIR")
     r.set_defaults(func=_cmd_report)
 
@@ -131,8 +170,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     base = cls.quick() if args.quick else cls()
     if args.quick:
         announce_quick(cls, f"reproduce {args.experiment}")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                 if getattr(args, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
     try:
         cfg = dataclasses.replace(base, **overrides)  # __post_init__ validates
     except (ValueError, TypeError) as e:
@@ -141,8 +183,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     try:
         summary = mod.run(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same command plus --resume (run directory {out})",
-              file=sys.stderr)
+        print(
+            f"\ninterrupted; continue with the same command plus --resume (run directory {out})",
+            file=sys.stderr,
+        )
         return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"batchnorm reproduce {args.experiment}: error: {e}", file=sys.stderr)

@@ -92,8 +92,11 @@ def check_eps(eps: float, training: bool = True) -> None:
 
 
 def check_input(
-    x: Tensor, num_features: int | None = None, dims: tuple[int, ...] | None = None,
-    training: bool = False, layer: str = "batch_norm",
+    x: Tensor,
+    num_features: int | None = None,
+    dims: tuple[int, ...] | None = None,
+    training: bool = False,
+    layer: str = "batch_norm",
 ) -> None:
     """Raise a clear :class:`BatchNormTypeError` / :class:`BatchNormInputError` for input a BN
     layer cannot normalize."""
@@ -194,8 +197,17 @@ def batch_norm(
         check_eps(eps, training)
         check_input(input, training=training)
     if proxy or input.dim() < 2:  # (an empty (0,) input: torch's kernel defines the result)
-        return op.torch_batch_norm(input, running_mean, running_var, weight, bias, training,
-                                   momentum, eps, num_batches_tracked)
+        return op.torch_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked,
+        )
     c = input.shape[1]
     _check_param("weight", weight, c)
     _check_param("bias", bias, c)
@@ -203,7 +215,8 @@ def batch_norm(
     _check_param("running_var", running_var, c)
     if (running_mean is None) != (running_var is None):
         raise BatchNormInputError(
-            "running_mean and running_var must both be tensors or both be None")
+            "running_mean and running_var must both be tensors or both be None"
+        )
     if not training and running_mean is None:
         raise BatchNormInputError(
             "batch_norm in eval mode (training=False) needs running_mean and running_var; "
@@ -214,9 +227,11 @@ def batch_norm(
     if training and running_mean is not None and momentum is None:
         check_counter(num_batches_tracked)
 
-    y = op.fast_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                           eps, num_batches_tracked)
+    y = op.fast_batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+    )
     if y is not None:
         return y
-    return op.torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                               eps, num_batches_tracked)
+    return op.torch_batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+    )

@@ -19,21 +19,30 @@ import batchnorm
 def _torch_impl() -> SimpleNamespace:
     nn = torch.nn
     return SimpleNamespace(
-        name="torch", BatchNorm1d=nn.BatchNorm1d, BatchNorm2d=nn.BatchNorm2d,
-        BatchNorm3d=nn.BatchNorm3d, LazyBatchNorm1d=nn.LazyBatchNorm1d,
-        LazyBatchNorm2d=nn.LazyBatchNorm2d, LazyBatchNorm3d=nn.LazyBatchNorm3d,
-        SyncBatchNorm=nn.SyncBatchNorm, batch_norm=F.batch_norm,
+        name="torch",
+        BatchNorm1d=nn.BatchNorm1d,
+        BatchNorm2d=nn.BatchNorm2d,
+        BatchNorm3d=nn.BatchNorm3d,
+        LazyBatchNorm1d=nn.LazyBatchNorm1d,
+        LazyBatchNorm2d=nn.LazyBatchNorm2d,
+        LazyBatchNorm3d=nn.LazyBatchNorm3d,
+        SyncBatchNorm=nn.SyncBatchNorm,
+        batch_norm=F.batch_norm,
     )
 
 
 def _ours_impl() -> SimpleNamespace:
     B = batchnorm
     return SimpleNamespace(
-        name="batchnorm", BatchNorm1d=B.BatchNorm1d, BatchNorm2d=B.BatchNorm2d,
-        BatchNorm3d=B.BatchNorm3d, LazyBatchNorm1d=getattr(B, "LazyBatchNorm1d", None),
+        name="batchnorm",
+        BatchNorm1d=B.BatchNorm1d,
+        BatchNorm2d=B.BatchNorm2d,
+        BatchNorm3d=B.BatchNorm3d,
+        LazyBatchNorm1d=getattr(B, "LazyBatchNorm1d", None),
         LazyBatchNorm2d=getattr(B, "LazyBatchNorm2d", None),
         LazyBatchNorm3d=getattr(B, "LazyBatchNorm3d", None),
-        SyncBatchNorm=B.SyncBatchNorm, batch_norm=B.functional.batch_norm,
+        SyncBatchNorm=B.SyncBatchNorm,
+        batch_norm=B.functional.batch_norm,
     )
 
 

@@ -238,8 +238,14 @@ class _TimmBatchNormAct2d(nn.BatchNorm2d):
         use_batch = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         x = F.batch_norm(
-            x, self.running_mean if track else None, self.running_var if track else None,
-            self.weight, self.bias, use_batch, factor, self.eps,
+            x,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch,
+            factor,
+            self.eps,
         )
         return self.act(x)
 
@@ -423,7 +429,10 @@ def _timm_convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     out = module
     if isinstance(module, _BatchNorm):
         out = nn.SyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine,
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
             module.track_running_stats,
         )
         if module.affine:
@@ -599,12 +608,17 @@ _ACCEPTABLE = ("fused", "unfused", "inlined")
 _FUSE_MODULES_CASES: dict[str, tuple[Callable[[SimpleNamespace], nn.Module], tuple[int, ...]]] = {
     "conv2d-bn": (lambda i: nn.Sequential(nn.Conv2d(3, 5, 3), i.BatchNorm2d(5)), (4, 3, 8, 8)),
     "conv1d-bn-relu": (
-        lambda i: nn.Sequential(nn.Conv1d(3, 5, 3), i.BatchNorm1d(5), nn.ReLU()), (4, 3, 12)),
+        lambda i: nn.Sequential(nn.Conv1d(3, 5, 3), i.BatchNorm1d(5), nn.ReLU()),
+        (4, 3, 12),
+    ),
     "conv2d-bn-relu": (
-        lambda i: nn.Sequential(nn.Conv2d(3, 5, 3), i.BatchNorm2d(5), nn.ReLU()), (4, 3, 8, 8)),
+        lambda i: nn.Sequential(nn.Conv2d(3, 5, 3), i.BatchNorm2d(5), nn.ReLU()),
+        (4, 3, 8, 8),
+    ),
     "conv3d-bn-relu": (
         lambda i: nn.Sequential(nn.Conv3d(3, 5, 3), i.BatchNorm3d(5), nn.ReLU()),
-        (2, 3, 5, 6, 6)),
+        (2, 3, 5, 6, 6),
+    ),
     "linear-bn": (lambda i: nn.Sequential(nn.Linear(20, 5), i.BatchNorm1d(5)), (8, 20)),
 }
 
@@ -707,7 +721,8 @@ def test_update_bn(impl: SimpleNamespace, case: str, with_targets: bool) -> None
     ref, model = _twin(lambda c: net_cls(c), getattr(impl, bn_name), getattr(nn, bn_name))
     x = torch.rand(shape)
     dataset = (
-        torch.utils.data.TensorDataset(x, torch.rand(shape[0])) if with_targets
+        torch.utils.data.TensorDataset(x, torch.rand(shape[0]))
+        if with_targets
         else torch.utils.data.TensorDataset(x)
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=False)

@@ -117,9 +117,7 @@ def _module_cls(impl: SimpleNamespace, dim: int, lazy: bool) -> type[nn.Module]:
     return cls
 
 
-def _build(
-    impl: SimpleNamespace, dim: int, lazy: bool, mi: ModuleInput, **extra: Any
-) -> nn.Module:
+def _build(impl: SimpleNamespace, dim: int, lazy: bool, mi: ModuleInput, **extra: Any) -> nn.Module:
     """Instantiate as upstream does; a lazy class gets the arguments without ``num_features``."""
     cls = _module_cls(impl, dim, lazy)
     args = mi.args[1:] if lazy else mi.args
@@ -147,8 +145,13 @@ def _tols(dtype: torch.dtype) -> dict[str, float]:
 def _default_state(cfg: dict[str, Any]) -> dict[str, Any]:
     """State of a fresh (or freshly materialized) layer, in float64."""
     c = cfg["num_features"]
-    state: dict[str, Any] = {"weight": None, "bias": None, "running_mean": None,
-                             "running_var": None, "nbt": 0}
+    state: dict[str, Any] = {
+        "weight": None,
+        "bias": None,
+        "running_mean": None,
+        "running_var": None,
+        "nbt": 0,
+    }
     if cfg["affine"]:
         state["weight"] = torch.ones(c, dtype=torch.float64)
         if cfg["bias"]:
@@ -161,13 +164,19 @@ def _default_state(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _module_state(m: nn.Module) -> dict[str, Any]:
     """The module's parameters and buffers as float64 copies."""
+
     def get(name: str) -> Tensor | None:
         t = getattr(m, name, None)
         return None if t is None else t.detach().to(torch.float64).clone()
 
     nbt = m.num_batches_tracked
-    return {"weight": get("weight"), "bias": get("bias"), "running_mean": get("running_mean"),
-            "running_var": get("running_var"), "nbt": None if nbt is None else int(nbt)}
+    return {
+        "weight": get("weight"),
+        "bias": get("bias"),
+        "running_mean": get("running_mean"),
+        "running_var": get("running_var"),
+        "nbt": None if nbt is None else int(nbt),
+    }
 
 
 def _randomize(m: nn.Module) -> None:
@@ -242,9 +251,11 @@ def _recording_new(original: Any, log: list[dict[str, Any]]) -> Any:
 
 def _expected_repr(name: str, c: int, cfg: dict[str, Any]) -> str:
     """torch.nn's ``_NormBase.extra_repr`` format."""
-    return (f"{name}({c}, eps={cfg['eps']}, momentum={cfg['momentum']}, "
-            f"affine={cfg['affine']}, bias={cfg['affine'] and cfg['bias']}, "
-            f"track_running_stats={cfg['track_running_stats']})")
+    return (
+        f"{name}({c}, eps={cfg['eps']}, momentum={cfg['momentum']}, "
+        f"affine={cfg['affine']}, bias={cfg['affine'] and cfg['bias']}, "
+        f"track_running_stats={cfg['track_running_stats']})"
+    )
 
 
 def _assert_params_and_buffers_are(m: nn.Module, device: str, dtype: torch.dtype) -> None:
@@ -271,7 +282,11 @@ def _expected_names(cfg: dict[str, Any]) -> tuple[set[str], set[str]]:
 @lazy_p
 @case_p
 def test_forward(
-    impl: SimpleNamespace, dim: int, mi: ModuleInput, lazy: bool, training: bool,
+    impl: SimpleNamespace,
+    dim: int,
+    mi: ModuleInput,
+    lazy: bool,
+    training: bool,
     dtype: torch.dtype,
 ) -> None:
     """Port of ``TestModule.test_forward`` (plus a float64 reference for the output)."""
@@ -329,7 +344,11 @@ def test_forward_state_updates(
 @lazy_p
 @case_p
 def test_factory_kwargs(
-    impl: SimpleNamespace, dim: int, mi: ModuleInput, lazy: bool, training: bool,
+    impl: SimpleNamespace,
+    dim: int,
+    mi: ModuleInput,
+    lazy: bool,
+    training: bool,
     dtype: torch.dtype,
 ) -> None:
     """Port of ``TestModule.test_factory_kwargs``: device/dtype reach every param and buffer."""
@@ -339,8 +358,7 @@ def test_factory_kwargs(
         # Uninitialized{Parameter,Buffer} must be created with the factory kwargs.
         calls: dict[str, list[dict[str, Any]]] = {"param": [], "buffer": []}
         with pytest.MonkeyPatch.context() as mp:
-            for kind, cls in (("param", UninitializedParameter),
-                              ("buffer", UninitializedBuffer)):
+            for kind, cls in (("param", UninitializedParameter), ("buffer", UninitializedBuffer)):
                 mp.setattr(cls, "__new__", _recording_new(cls.__new__, calls[kind]))
             m = _build(impl, dim, lazy, mi, device="cpu", dtype=dtype)
             m.train(training)
@@ -376,7 +394,11 @@ def test_repr(impl: SimpleNamespace, dim: int, mi: ModuleInput, lazy: bool) -> N
 @lazy_p
 @case_p
 def test_pickle(
-    impl: SimpleNamespace, dim: int, mi: ModuleInput, lazy: bool, training: bool,
+    impl: SimpleNamespace,
+    dim: int,
+    mi: ModuleInput,
+    lazy: bool,
+    training: bool,
     dtype: torch.dtype,
 ) -> None:
     """Port of ``TestModule.test_pickle`` (torch.save / torch.load, and plain pickle)."""
@@ -425,7 +447,11 @@ def _non_contiguous(t: Tensor) -> Tensor:
 @lazy_p
 @case_p
 def test_non_contiguous_tensors(
-    impl: SimpleNamespace, dim: int, mi: ModuleInput, lazy: bool, training: bool,
+    impl: SimpleNamespace,
+    dim: int,
+    mi: ModuleInput,
+    lazy: bool,
+    training: bool,
     dtype: torch.dtype,
 ) -> None:
     """Port of ``TestModule.test_non_contiguous_tensors``: same output and grads."""
@@ -461,6 +487,7 @@ def _run_check(
 ) -> None:
     """Upstream's ``fn_to_gradcheck``: the parameters are gradcheck inputs and reach the module
     as its own tensors."""
+
     def fn(inp: Tensor, *_params: Tensor) -> Tensor:
         return m(inp)
 
@@ -501,7 +528,11 @@ def test_grad(
 @lazy_p
 @case_p
 def test_memory_format(
-    impl: SimpleNamespace, dim: int, mi: ModuleInput, lazy: bool, training: bool,
+    impl: SimpleNamespace,
+    dim: int,
+    mi: ModuleInput,
+    lazy: bool,
+    training: bool,
     dtype: torch.dtype,
 ) -> None:
     """Port of ``TestModule.test_memory_format``: channels_last(_3d) input gives the same output
@@ -575,9 +606,7 @@ def test_if_train_and_eval_modes_differ(
 
 @lazy_p
 @case_p
-def test_device_ctx_init(
-    impl: SimpleNamespace, dim: int, mi: ModuleInput, lazy: bool
-) -> None:
+def test_device_ctx_init(impl: SimpleNamespace, dim: int, mi: ModuleInput, lazy: bool) -> None:
     """Port of ``TestModule.test_device_ctx_init``: under ``torch.device('meta')`` parameters and
     buffers are meta tensors with the CPU ones' metadata."""
     m_cpu = _build(impl, dim, lazy, mi)
@@ -592,7 +621,11 @@ def test_device_ctx_init(
             continue
         assert p_meta.is_meta, mi.desc
         assert (p_meta.shape, p_meta.dtype, p_meta.stride(), p_meta.requires_grad) == (
-            p_cpu.shape, p_cpu.dtype, p_cpu.stride(), p_cpu.requires_grad), mi.desc
+            p_cpu.shape,
+            p_cpu.dtype,
+            p_cpu.stride(),
+            p_cpu.requires_grad,
+        ), mi.desc
 
 
 @pytest.mark.parametrize("eps", [-1.0, 0.0])
@@ -664,7 +697,9 @@ def test_zero_batch(
 
 # ----------------------------------------------------------------------------- test_lazy_modules
 LAZY_SHAPES: dict[int, list[tuple[int, ...]]] = {
-    1: [(16, 3, 6), (16, 6)], 2: [(16, 3, 6, 7)], 3: [(16, 3, 6, 7, 8)],
+    1: [(16, 3, 6), (16, 6)],
+    2: [(16, 3, 6, 7)],
+    3: [(16, 3, 6, 7, 8)],
 }
 
 

@@ -33,8 +33,12 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 
 def _bn_ref(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-    mean: Tensor | None = None, var: Tensor | None = None,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
 ) -> Tensor:
     """Batch norm in float64: batch statistics (biased variance) unless ``mean``/``var`` given.
 
@@ -98,12 +102,19 @@ _LOW_TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2, tor
 # --------------------------------------------------------------------------------------------
 
 _NHWC_SHAPES = [
-    (4, 8, 10, 10), (4, 1, 9, 9), (4, 9, 1, 1),
-    (4, 8, 2, 10, 10), (4, 1, 2, 9, 9), (4, 9, 1, 1, 1),
+    (4, 8, 10, 10),
+    (4, 1, 9, 9),
+    (4, 9, 1, 1),
+    (4, 8, 2, 10, 10),
+    (4, 1, 2, 9, 9),
+    (4, 9, 1, 1, 1),
 ]
 _NHWC_DTYPES = [
-    (torch.float, False), (torch.bfloat16, False), (torch.bfloat16, True),
-    (torch.float16, False), (torch.float16, True),
+    (torch.float, False),
+    (torch.bfloat16, False),
+    (torch.bfloat16, True),
+    (torch.float16, False),
+    (torch.float16, True),
 ]
 
 
@@ -162,29 +173,38 @@ def test_batchnorm_nhwc_cpu(
 
 # Upstream uses (4, 80, 500, 500) and (16, 3, 224, 224); these keep more than 65504 values per
 # channel (so a float16 sum of x, x**2 or of the grads overflows) at a fraction of the size.
-_OVERFLOW_CASES = [
-    (2, (4, 2, 200, 200), torch.half, torch.contiguous_format, torch.contiguous_format),
-    (2, (4, 2, 200, 200), torch.half, torch.channels_last, torch.channels_last),
-    (3, (4, 2, 20, 45, 45), torch.half, torch.contiguous_format, torch.contiguous_format),
-    (3, (4, 2, 20, 45, 45), torch.half, torch.channels_last_3d, torch.channels_last_3d),
-] + [
-    (2, (4, 2, 200, 200), torch.float, f, b)
-    for f in (torch.contiguous_format, torch.channels_last)
-    for b in (torch.contiguous_format, torch.channels_last)
-] + [
-    (3, (4, 2, 20, 45, 45), torch.float, f, b)
-    for f in (torch.contiguous_format, torch.channels_last_3d)
-    for b in (torch.contiguous_format, torch.channels_last_3d)
-]
+_OVERFLOW_CASES = (
+    [
+        (2, (4, 2, 200, 200), torch.half, torch.contiguous_format, torch.contiguous_format),
+        (2, (4, 2, 200, 200), torch.half, torch.channels_last, torch.channels_last),
+        (3, (4, 2, 20, 45, 45), torch.half, torch.contiguous_format, torch.contiguous_format),
+        (3, (4, 2, 20, 45, 45), torch.half, torch.channels_last_3d, torch.channels_last_3d),
+    ]
+    + [
+        (2, (4, 2, 200, 200), torch.float, f, b)
+        for f in (torch.contiguous_format, torch.channels_last)
+        for b in (torch.contiguous_format, torch.channels_last)
+    ]
+    + [
+        (3, (4, 2, 20, 45, 45), torch.float, f, b)
+        for f in (torch.contiguous_format, torch.channels_last_3d)
+        for b in (torch.contiguous_format, torch.channels_last_3d)
+    ]
+)
 
 
 @pytest.mark.parametrize(
-    "nd,size,param_dtype,fwd_format,bwd_format", _OVERFLOW_CASES,
+    "nd,size,param_dtype,fwd_format,bwd_format",
+    _OVERFLOW_CASES,
     ids=[f"{c[0]}d-{str(c[2])[6:]}-{str(c[3])[6:]}-{str(c[4])[6:]}" for c in _OVERFLOW_CASES],
 )
 def test_batchnorm_half_overflow(
-    impl: SimpleNamespace, nd: int, size: tuple[int, ...], param_dtype: torch.dtype,
-    fwd_format: torch.memory_format, bwd_format: torch.memory_format,
+    impl: SimpleNamespace,
+    nd: int,
+    size: tuple[int, ...],
+    param_dtype: torch.dtype,
+    fwd_format: torch.memory_format,
+    bwd_format: torch.memory_format,
 ) -> None:
     """Port of TestNN.test_batchnorm_half_overflow: float16 input with > 65504 values per
     channel gives finite output and grads equal to a float-parameter layer's (and to float64
@@ -737,8 +757,11 @@ _MODULE_CASES: list[tuple[tuple[Any, ...], dict[str, Any], tuple[int, ...], str]
     "args,kwargs,shape", [c[:3] for c in _MODULE_CASES], ids=[c[3] for c in _MODULE_CASES]
 )
 def test_BatchNorm_module_case(  # noqa: N802 (upstream's test_BatchNorm* names)
-    impl: SimpleNamespace, args: tuple[Any, ...], kwargs: dict[str, Any],
-    shape: tuple[int, ...], training: bool,
+    impl: SimpleNamespace,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    shape: tuple[int, ...],
+    training: bool,
 ) -> None:
     """Port of test_nn.py's BatchNorm1d/2d/3d module tests (now common_modules'
     module_inputs_torch_nn_BatchNorm*): in float64, the forward equals float64 math, running
@@ -798,4 +821,3 @@ def test_BatchNorm_error_negative_eps(  # noqa: N802 (upstream's names)
         m(x)
     if impl.name == "torch":
         assert "eps must be" in str(info.value)
-

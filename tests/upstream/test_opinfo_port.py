@@ -41,9 +41,18 @@ _CASES: list[tuple[tuple[int, ...], dict[str, Any]]] = [
     ((2, 1), {}),
 ]
 _IDS = [
-    "5x5x5-train-m0.5-eps0.6", "3x2x4-eval-m-1.2", "3x1-train-m0", "0-train", "0-eval",
-    "3x2x3x4-train-m-1-eps0.5", "3x2x3x4-eval-m-1-eps0.5", "2x1-default",
-    "2x1-train-wb", "2x1-eval-wb", "2x1-eval-wb-again", "1x2x3-train-no-stats",
+    "5x5x5-train-m0.5-eps0.6",
+    "3x2x4-eval-m-1.2",
+    "3x1-train-m0",
+    "0-train",
+    "0-eval",
+    "3x2x3x4-train-m-1-eps0.5",
+    "3x2x3x4-eval-m-1-eps0.5",
+    "2x1-default",
+    "2x1-train-wb",
+    "2x1-eval-wb",
+    "2x1-eval-wb-again",
+    "1x2x3-train-no-stats",
 ]
 
 
@@ -80,8 +89,16 @@ def _samples(dtype: torch.dtype = torch.float64, requires_grad: bool = True) -> 
         running_var = make_no_grad(channels, low=0)
         out.append(_Sample(make(shape), running_mean, running_var, weight, bias, dict(kwargs)))
     for training in (True, False, False):
-        out.append(_Sample(make(shape), running_mean, running_var, make(channels), make(channels),
-                           {"training": training}))
+        out.append(
+            _Sample(
+                make(shape),
+                running_mean,
+                running_var,
+                make(channels),
+                make(channels),
+                {"training": training},
+            )
+        )
     out.append(_Sample(make((1, 2, 3)), None, None, None, None, {"training": True}))
     assert len(out) == len(_IDS)
     return out
@@ -140,8 +157,14 @@ def test_forward_mode_AD(impl: SimpleNamespace, i: int) -> None:  # noqa: N802 (
     gradcheck of the forward-mode (JVP) derivatives; batched JVPs in test_batched_grads."""
     fn, inputs = _gradcheck_fn(impl, _sample(i))
     assert torch.autograd.gradcheck(
-        fn, inputs, check_forward_ad=True, check_backward_ad=False, check_batched_grad=False,
-        check_batched_forward_grad=False, check_undefined_grad=True, **_GC,
+        fn,
+        inputs,
+        check_forward_ad=True,
+        check_backward_ad=False,
+        check_batched_grad=False,
+        check_batched_forward_grad=False,
+        check_undefined_grad=True,
+        **_GC,
     )
 
 
@@ -152,8 +175,14 @@ def test_fn_fwgrad_bwgrad(impl: SimpleNamespace, i: int) -> None:
     fn, inputs = _gradcheck_fn(impl, _sample(i))
     for non_contig in (False, True):
         assert torch.autograd.gradgradcheck(
-            fn, inputs, gen_non_contig_grad_outputs=non_contig, check_fwd_over_rev=True,
-            check_rev_over_rev=False, check_batched_grad=False, check_undefined_grad=False, **_GC,
+            fn,
+            inputs,
+            gen_non_contig_grad_outputs=non_contig,
+            check_fwd_over_rev=True,
+            check_rev_over_rev=False,
+            check_batched_grad=False,
+            check_undefined_grad=False,
+            **_GC,
         )
 
 
@@ -173,8 +202,13 @@ def test_batched_grads(impl: SimpleNamespace, i: int, kind: str) -> None:
             )
     else:
         assert torch.autograd.gradcheck(
-            fn, inputs, check_forward_ad=True, check_backward_ad=False, check_batched_grad=False,
-            check_batched_forward_grad=True, **_GC,
+            fn,
+            inputs,
+            check_forward_ad=True,
+            check_backward_ad=False,
+            check_batched_grad=False,
+            check_batched_forward_grad=True,
+            **_GC,
         )
 
 

@@ -71,8 +71,14 @@ def _inputs(n: int, shape: tuple[int, ...] = X_SHAPE, dtype: torch.dtype = F64) 
 def _net(bn1d: Any, bn2d: Any) -> nn.Sequential:
     """Conv2d → BN2d → ReLU → BN1d on (N, C, L) → Linear → BN1d on (N, C); input (4, 3, 8, 8)."""
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3), bn2d(4), nn.ReLU(), nn.Flatten(2), bn1d(4),
-        nn.Flatten(), nn.Linear(144, 5), bn1d(5),
+        nn.Conv2d(3, 4, 3),
+        bn2d(4),
+        nn.ReLU(),
+        nn.Flatten(2),
+        bn1d(4),
+        nn.Flatten(),
+        nn.Linear(144, 5),
+        bn1d(5),
     )
 
 
@@ -98,7 +104,9 @@ def _randomize(ref: nn.Module) -> None:
 
 
 def _pair(
-    build: Callable[[Any, Any], nn.Module], impl: SimpleNamespace, train: bool,
+    build: Callable[[Any, Any], nn.Module],
+    impl: SimpleNamespace,
+    train: bool,
     dtype: torch.dtype = F64,
 ) -> tuple[nn.Module, nn.Module]:
     """(model from ``impl``'s layers, eager torch.nn reference) with identical state."""
@@ -110,8 +118,13 @@ def _pair(
 
 
 def _layer_pair(
-    impl: SimpleNamespace, name: str, train: bool, channels: int = 3, affine: bool = True,
-    track: bool = True, dtype: torch.dtype = F64,
+    impl: SimpleNamespace,
+    name: str,
+    train: bool,
+    channels: int = 3,
+    affine: bool = True,
+    track: bool = True,
+    dtype: torch.dtype = F64,
 ) -> tuple[nn.Module, nn.Module]:
     """(``impl``'s layer ``name``, torch.nn's) with identical state."""
     kw = {"affine": affine, "track_running_stats": track}
@@ -141,7 +154,10 @@ def _loss_weights(y: Tensor) -> Tensor:
 
 
 def _run(
-    fn: Callable[[Tensor], Tensor], module: nn.Module, x: Tensor, names: list[str],
+    fn: Callable[[Tensor], Tensor],
+    module: nn.Module,
+    x: Tensor,
+    names: list[str],
 ) -> dict[str, Tensor | None]:
     """Output of ``fn(x)`` and the gradients of Σ w·y w.r.t. x and ``module``'s ``names``."""
     params = dict(module.named_parameters())
@@ -157,7 +173,9 @@ def _run(
 
 
 def _compare(
-    got: dict[str, Tensor | None], want: dict[str, Tensor | None], tol: float = 1e-9,
+    got: dict[str, Tensor | None],
+    want: dict[str, Tensor | None],
+    tol: float = 1e-9,
 ) -> None:
     """Every entry of ``want`` (a _run result of the reference) is matched; no gradient lost."""
     for key, w in want.items():
@@ -289,7 +307,8 @@ def test_onnx_export_legacy(impl: SimpleNamespace) -> None:
     the graph has no BatchNormalization node for either implementation.
     """
     pytest.importorskip(
-        "onnx", reason="torch 2.13's legacy ONNX exporter imports onnx to write the model "
+        "onnx",
+        reason="torch 2.13's legacy ONNX exporter imports onnx to write the model "
         "(torchscript_exporter.onnx_proto_utils._add_onnxscript_fn)",
     )
     model, ref = _pair(_conv_bn, impl, False, torch.float32)
@@ -359,7 +378,11 @@ def test_export_program(impl: SimpleNamespace, train: bool) -> None:
 @MODES
 @LAYERS
 def test_double_backward(
-    impl: SimpleNamespace, name: str, shape: tuple[int, ...], train: bool, affine: bool,
+    impl: SimpleNamespace,
+    name: str,
+    shape: tuple[int, ...],
+    train: bool,
+    affine: bool,
 ) -> None:
     """First and second derivatives w.r.t. input, γ and β: ``gradcheck`` / ``gradgradcheck``
     against finite differences, and a gradient and a Hessian-vector product equal torch.nn's."""
@@ -456,7 +479,10 @@ def test_forward_ad(impl: SimpleNamespace, name: str, shape: tuple[int, ...], tr
 @MODES
 @LAYERS
 def test_func_grad_jacobians_hessian(
-    impl: SimpleNamespace, name: str, shape: tuple[int, ...], train: bool,
+    impl: SimpleNamespace,
+    name: str,
+    shape: tuple[int, ...],
+    train: bool,
 ) -> None:
     """``torch.func`` grad / jacrev / jacfwd / hessian of the layer equal plain autograd on
     torch.nn's. Training uses track_running_stats=False: torch.nn's in-place running-stat update
@@ -476,7 +502,8 @@ def test_func_grad_jacobians_hessian(
 
 
 @pytest.mark.parametrize(
-    "case", ["eval", "train_untracked", "train_batched_buffers", "train_patched"],
+    "case",
+    ["eval", "train_untracked", "train_batched_buffers", "train_patched"],
 )
 @LAYERS
 def test_vmap(impl: SimpleNamespace, name: str, shape: tuple[int, ...], case: str) -> None:

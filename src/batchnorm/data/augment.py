@@ -15,7 +15,12 @@ from torch import Tensor
 
 
 def _check_strength(name: str, value: float, upper: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if upper is not None and value >= upper:
         raise ValueError(f"{name} must be < {upper}, got {value!r}")
@@ -81,8 +86,10 @@ def random_affine(
     generator is not advanced.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"expected a floating-point tensor (N, C, H, W), got {type(x).__name__}"
-                        f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}")
+        raise TypeError(
+            f"expected a floating-point tensor (N, C, H, W), got {type(x).__name__}"
+            f"{'' if not isinstance(x, Tensor) else ' of dtype ' + str(x.dtype)}"
+        )
     if x.dim() != 4:
         raise ValueError(f"expected an image batch (N, C, H, W), got shape {tuple(x.shape)}")
     if rotation == 0 and shear == 0 and zoom == 0:

@@ -76,7 +76,9 @@ def read_idx(
         raise IDXError(f"{path}: IDX header declares 0 dimensions")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise IDXError(f"{path}: truncated header: {ndim} dimensions need {header} bytes, got {len(data)}")
+        raise IDXError(
+            f"{path}: truncated header: {ndim} dimensions need {header} bytes, got {len(data)}"
+        )
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = IDX_DTYPES[code]
     want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -90,12 +92,15 @@ def read_idx(
     if expect_ndim is not None and ndim != expect_ndim:
         raise IDXError(f"{path}: expected {expect_ndim} dimensions, got {ndim} (shape {shape})")
     if expect_shape is not None and (
-        len(expect_shape) != ndim or any(e is not None and e != s for e, s in zip(expect_shape, shape, strict=True))
+        len(expect_shape) != ndim
+        or any(e is not None and e != s for e, s in zip(expect_shape, shape, strict=True))
     ):
         want_s = "(" + ", ".join("*" if e is None else str(e) for e in expect_shape) + ")"
         raise IDXError(f"{path}: expected shape {want_s}, got {shape}")
     if expect_dtype is not None and np.dtype(expect_dtype) != dtype.newbyteorder("="):
-        raise IDXError(f"{path}: expected dtype {np.dtype(expect_dtype).name}, got {dtype.newbyteorder('=').name}")
+        raise IDXError(
+            f"{path}: expected dtype {np.dtype(expect_dtype).name}, got {dtype.newbyteorder('=').name}"
+        )
     arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
@@ -106,7 +111,9 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, *, compress: bool | No
     arr = np.asarray(array)
     key = arr.dtype.newbyteorder("=")
     if key not in _CODES:
-        raise TypeError(f"write_idx: dtype {arr.dtype} has no IDX code (use one of uint8, int8, int16, int32, float32, float64)")
+        raise TypeError(
+            f"write_idx: dtype {arr.dtype} has no IDX code (use one of uint8, int8, int16, int32, float32, float64)"
+        )
     if arr.ndim == 0 or arr.ndim > 255:
         raise ValueError(f"write_idx: need 1 to 255 dimensions, got {arr.ndim}")
     code = _CODES[key]

@@ -28,7 +28,14 @@ from torch import Tensor
 
 from .idx import read_idx
 
-__all__ = ["DATASETS", "Dataset", "DataNotFoundError", "best_available", "cache_dir", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "DataNotFoundError",
+    "best_available",
+    "cache_dir",
+    "load_dataset",
+]
 
 DATASETS = ("mnist", "fashion-mnist", "digits")
 FILES = {  # role -> file name (without .gz)
@@ -81,8 +88,10 @@ class Dataset:
     source: str  # where it was read from (a directory, or "sklearn.datasets.load_digits")
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, train={tuple(self.train_x.shape)}, "
-                f"test={tuple(self.test_x.shape)}, source={self.source!r})")
+        return (
+            f"Dataset({self.name!r}, train={tuple(self.train_x.shape)}, "
+            f"test={tuple(self.test_x.shape)}, source={self.source!r})"
+        )
 
 
 def cache_dir() -> Path:
@@ -243,8 +252,14 @@ def _digits() -> Dataset:
     x, y = torch.from_numpy(xa.copy()), torch.from_numpy(ya.copy())  # callers may modify theirs
     perm = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))
     test, train = perm[:297], perm[297:]
-    return Dataset("digits", x[train].contiguous(), y[train], x[test].contiguous(), y[test],
-                   "sklearn.datasets.load_digits")
+    return Dataset(
+        "digits",
+        x[train].contiguous(),
+        y[train],
+        x[test].contiguous(),
+        y[test],
+        "sklearn.datasets.load_digits",
+    )
 
 
 def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -257,7 +272,9 @@ def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download_ok: bool | None = None) -> Dataset:
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, *, download_ok: bool | None = None
+) -> Dataset:
     """Load ``"mnist"``, ``"fashion-mnist"`` or ``"digits"`` (see the module docstring for where).
 
     ``download_ok`` (default: unless ``$BATCHNORM_NO_DOWNLOAD`` is set) allows the download step.
@@ -280,7 +297,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, downlo
     return _read_idx_set(name, _find_files(d), str(d))
 
 
-def best_available(data_dir: str | os.PathLike | None = None, *, download_ok: bool | None = None) -> str:
+def best_available(
+    data_dir: str | os.PathLike | None = None, *, download_ok: bool | None = None
+) -> str:
     """``"mnist"`` if on disk or downloadable, else ``"fashion-mnist"`` if on disk, else ``"digits"``."""
     if locate("mnist", data_dir) is not None:
         return "mnist"

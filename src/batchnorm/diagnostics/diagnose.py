@@ -59,26 +59,56 @@ _opt = option
 class Config:
     """Settings of one diagnose run."""
 
-    model: str = field(default="mlp", metadata=_opt(
-        "mlp (the fig1 sigmoid MLP) or convnet (LeNet with ReLU)", choices=("mlp", "convnet")))
-    dataset: str = field(default="auto", metadata=_opt(
-        "mnist, fashion-mnist, digits, or auto (the best available)",
-        choices=("auto", "mnist", "fashion-mnist", "digits")))
-    data_dir: str | None = field(default=None, metadata=_opt("directory with the IDX files", metavar="DIR"))
-    from_run: str | None = field(default=None, metadata=_opt(
-        "a finished fig1 run directory: continue its two networks instead of training from scratch",
-        metavar="DIR"))
+    model: str = field(
+        default="mlp",
+        metadata=_opt(
+            "mlp (the fig1 sigmoid MLP) or convnet (LeNet with ReLU)", choices=("mlp", "convnet")
+        ),
+    )
+    dataset: str = field(
+        default="auto",
+        metadata=_opt(
+            "mnist, fashion-mnist, digits, or auto (the best available)",
+            choices=("auto", "mnist", "fashion-mnist", "digits"),
+        ),
+    )
+    data_dir: str | None = field(
+        default=None, metadata=_opt("directory with the IDX files", metavar="DIR")
+    )
+    from_run: str | None = field(
+        default=None,
+        metadata=_opt(
+            "a finished fig1 run directory: continue its two networks instead of training from scratch",
+            metavar="DIR",
+        ),
+    )
     steps: int = field(default=3000, metadata=_opt("training steps per network (0: measure only)"))
     batch_size: int = field(default=60, metadata=_opt("examples per mini-batch"))
-    lr: float | None = field(default=None, metadata=_opt(
-        "SGD learning rate for both networks (default: 0.5 for mlp, 0.05 for convnet)"))
-    init_std: float = field(default=0.05, metadata=_opt("std of the mlp's Gaussian initial weights"))
-    seed: int = field(default=0, metadata=_opt("seed for weights, batch order and measurement batches"))
-    measure_points: int = field(default=6, metadata=_opt("measurements, evenly spaced from the first to the last step"))
-    measure_batches: int = field(default=3, metadata=_opt("training batches each measurement averages over"))
-    step_multipliers: str = field(default="0.25,0.5,1,2,4", metadata=_opt(
-        "landscape step sizes as multiples of lr, comma-separated", metavar="LIST"))
-    track_every: int = field(default=10, metadata=_opt("steps between activation-percentile records"))
+    lr: float | None = field(
+        default=None,
+        metadata=_opt(
+            "SGD learning rate for both networks (default: 0.5 for mlp, 0.05 for convnet)"
+        ),
+    )
+    init_std: float = field(
+        default=0.05, metadata=_opt("std of the mlp's Gaussian initial weights")
+    )
+    seed: int = field(
+        default=0, metadata=_opt("seed for weights, batch order and measurement batches")
+    )
+    measure_points: int = field(
+        default=6, metadata=_opt("measurements, evenly spaced from the first to the last step")
+    )
+    measure_batches: int = field(
+        default=3, metadata=_opt("training batches each measurement averages over")
+    )
+    step_multipliers: str = field(
+        default="0.25,0.5,1,2,4",
+        metadata=_opt("landscape step sizes as multiples of lr, comma-separated", metavar="LIST"),
+    )
+    track_every: int = field(
+        default=10, metadata=_opt("steps between activation-percentile records")
+    )
     threads: int = field(default=1, metadata=_opt("torch threads"))
 
     def __post_init__(self) -> None:
@@ -89,18 +119,24 @@ class Config:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (BN needs 2 values per unit), got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be at least 2 (BN needs 2 values per unit), got {self.batch_size}"
+            )
         if self.model not in DEFAULT_LR:
             raise ValueError(f"model must be mlp or convnet, got {self.model!r}")
         if self.dataset not in ("auto", "mnist", "fashion-mnist", "digits"):
-            raise ValueError(f"dataset must be auto, mnist, fashion-mnist or digits, got {self.dataset!r}")
+            raise ValueError(
+                f"dataset must be auto, mnist, fashion-mnist or digits, got {self.dataset!r}"
+            )
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"init_std must be a positive number, got {self.init_std!r}")
         self.multipliers()  # validates the list
         if self.from_run is not None and self.model != "mlp":
-            raise ValueError("--from-run loads a fig1 run, whose networks are the mlp; drop --model convnet")
+            raise ValueError(
+                "--from-run loads a fig1 run, whose networks are the mlp; drop --model convnet"
+            )
 
     def multipliers(self) -> list[float]:
         try:
@@ -110,7 +146,9 @@ class Config:
                 f"step_multipliers must be comma-separated numbers like 0.5,1,2, got {self.step_multipliers!r}"
             ) from None
         if not vals or any(not (math.isfinite(v) and v > 0) for v in vals):
-            raise ValueError(f"step_multipliers must be positive numbers, got {self.step_multipliers!r}")
+            raise ValueError(
+                f"step_multipliers must be positive numbers, got {self.step_multipliers!r}"
+            )
         return vals
 
     def learning_rate(self) -> float:
@@ -119,8 +157,14 @@ class Config:
     @classmethod
     def quick(cls) -> Config:
         """CI-sized: digits, 60 steps, 2 measurements of 1 batch."""
-        return cls(dataset="digits", steps=60, measure_points=2, measure_batches=1,
-                   step_multipliers="0.5,2", track_every=5)
+        return cls(
+            dataset="digits",
+            steps=60,
+            measure_points=2,
+            measure_batches=1,
+            step_multipliers="0.5,2",
+            track_every=5,
+        )
 
 
 # ---------------------------------------------------------------- networks and data
@@ -132,12 +176,16 @@ def build_networks(cfg: Config, fig1_dir: Path | None = None) -> tuple[dict[str,
     if fig1_dir is not None:
         saved = read_json(fig1_dir / "config.json")
         if saved.get("experiment") != "fig1":
-            raise ValueError(f"{fig1_dir} holds a {saved.get('experiment')!r} run; --from-run needs a fig1 run")
+            raise ValueError(
+                f"{fig1_dir} holds a {saved.get('experiment')!r} run; --from-run needs a fig1 run"
+            )
         nets, start = {}, None
         for arm in ARMS:
             path = fig1_dir / f"checkpoint-{arm}.pt"
             if not path.exists():
-                raise FileNotFoundError(f"{path} is missing; run `batchnorm reproduce fig1 --out {fig1_dir}` first")
+                raise FileNotFoundError(
+                    f"{path} is missing; run `batchnorm reproduce fig1 --out {fig1_dir}` first"
+                )
             ckpt = read_checkpoint(path)
             net = fig1.build_mlp(arm == "bn", cfg.init_std, torch.Generator().manual_seed(0))
             net.load_state_dict(ckpt["model"])
@@ -145,8 +193,10 @@ def build_networks(cfg: Config, fig1_dir: Path | None = None) -> tuple[dict[str,
             start = ckpt["step"] if start is None else min(start, ckpt["step"])
         return nets, int(start)
     if cfg.model == "mlp":
-        return {arm: fig1.build_mlp(arm == "bn", cfg.init_std, torch.Generator().manual_seed(cfg.seed))
-                for arm in ARMS}, 0
+        return {
+            arm: fig1.build_mlp(arm == "bn", cfg.init_std, torch.Generator().manual_seed(cfg.seed))
+            for arm in ARMS
+        }, 0
     torch.manual_seed(cfg.seed)
     nets = {arm: LeNet(bn=arm == "bn") for arm in ARMS}
     base_w = [m for m in nets["baseline"].modules() if isinstance(m, nn.Linear | nn.Conv2d)]
@@ -171,8 +221,14 @@ def _measure_steps(start: int, steps: int, points: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- measurements
-def measure(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
-            etas: list[float], test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, Any]:
+def measure(
+    net: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    etas: list[float],
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+) -> dict[str, Any]:
     """ICS, landscape (each averaged over ``batches``), test accuracy and BN health at this point."""
     layers = default_ics_layers(net)
     ics = [internal_covariate_shift(net, b, lr, layers=layers) for b in batches]
@@ -191,16 +247,38 @@ def measure(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], lr
     health = bn_health(net, test_x[:500]) if bn_layers(net) else None
     return {
         "test_accuracy": acc,
-        "ics": {"layers": layers, **{k: avg(ics, k) for k in ("l2", "cosine", "relative", "grad_norm")}},
-        "landscape": {"step_sizes": etas, **{k: avg(land, k) for k in (
-            "loss", "grad_norm", "losses", "loss_range", "grad_change", "beta", "effective_beta")}},
+        "ics": {
+            "layers": layers,
+            **{k: avg(ics, k) for k in ("l2", "cosine", "relative", "grad_norm")},
+        },
+        "landscape": {
+            "step_sizes": etas,
+            **{
+                k: avg(land, k)
+                for k in (
+                    "loss",
+                    "grad_norm",
+                    "losses",
+                    "loss_range",
+                    "grad_change",
+                    "beta",
+                    "effective_beta",
+                )
+            },
+        },
         "health": health,
     }
 
 
 # ---------------------------------------------------------------- the experiment
-def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-        quiet: bool = False) -> dict:
+def run(
+    cfg: Config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
     """Train (or continue) both networks, measure, write the run directory; returns the summary.
 
     Runs take minutes, so ``resume`` starts over (it only checks the settings match).
@@ -211,7 +289,9 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     dataset = cfg.dataset
     if fig1_dir is not None:  # the fig1 run's data and learning rate unless given
         if not (fig1_dir / "config.json").exists():
-            raise FileNotFoundError(f"{fig1_dir / 'config.json'} is missing: not a fig1 run directory")
+            raise FileNotFoundError(
+                f"{fig1_dir / 'config.json'} is missing: not a fig1 run directory"
+            )
         saved = read_json(fig1_dir / "config.json").get("config", {})
         dataset = saved.get("dataset", "auto") if dataset == "auto" else dataset
         if cfg.lr is None and saved.get("lr"):
@@ -226,7 +306,9 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        arms = {arm: _train_and_measure(arm, nets[arm], cfg, data, start, log, quiet) for arm in ARMS}
+        arms = {
+            arm: _train_and_measure(arm, nets[arm], cfg, data, start, log, quiet) for arm in ARMS
+        }
     finally:
         torch.set_num_threads(threads)
     summary = make_summary(cfg, dataset, data.source, start, arms, clock.elapsed)
@@ -235,8 +317,9 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     return summary
 
 
-def _train_and_measure(arm: str, net: nn.Module, cfg: Config, data: Any, start: int,
-                       log: MetricsLog, quiet: bool) -> dict[str, Any]:
+def _train_and_measure(
+    arm: str, net: nn.Module, cfg: Config, data: Any, start: int, log: MetricsLog, quiet: bool
+) -> dict[str, Any]:
     lr = cfg.learning_rate()
     etas = [lr * m for m in cfg.multipliers()]
     x_train, y_train = _inputs(cfg, data.train_x), data.train_y
@@ -246,7 +329,9 @@ def _train_and_measure(arm: str, net: nn.Module, cfg: Config, data: Any, start: 
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training examples")
     g_data = torch.Generator().manual_seed(cfg.seed + 1)  # same batches for both networks
     g_meas = torch.Generator().manual_seed(cfg.seed + 2)
-    probe = [torch.randperm(n, generator=g_meas)[: cfg.batch_size] for _ in range(cfg.measure_batches)]
+    probe = [
+        torch.randperm(n, generator=g_meas)[: cfg.batch_size] for _ in range(cfg.measure_batches)
+    ]
     batches = [(x_train[i], y_train[i]) for i in probe]
     when = _measure_steps(start, cfg.steps, cfg.measure_points)
     opt = torch.optim.SGD(net.parameters(), lr=lr)
@@ -263,15 +348,22 @@ def _train_and_measure(arm: str, net: nn.Module, cfg: Config, data: Any, start: 
                 m = {"step": step, **measure(net, batches, lr, etas, test_x, test_y)}
                 tracker.attach()
                 points.append(m)
-                log.append({"arm": arm, "step": step, "test_accuracy": m["test_accuracy"],
-                            "ics_l2": m["ics"]["l2"], "ics_cosine": m["ics"]["cosine"],
-                            "loss_range": m["landscape"]["loss_range"],
-                            "effective_beta": m["landscape"]["effective_beta"]})
+                log.append(
+                    {
+                        "arm": arm,
+                        "step": step,
+                        "test_accuracy": m["test_accuracy"],
+                        "ics_l2": m["ics"]["l2"],
+                        "ics_cosine": m["ics"]["cosine"],
+                        "loss_range": m["landscape"]["loss_range"],
+                        "effective_beta": m["landscape"]["effective_beta"],
+                    }
+                )
             if step == start + cfg.steps:
                 break
             if pos + cfg.batch_size > n:
                 perm, pos = torch.randperm(n, generator=g_data), 0
-            idx = perm[pos: pos + cfg.batch_size]
+            idx = perm[pos : pos + cfg.batch_size]
             pos += cfg.batch_size
             loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
@@ -285,13 +377,19 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def make_summary(cfg: Config, dataset: str, source: str, start: int, arms: dict, wall: float) -> dict:
+def make_summary(
+    cfg: Config, dataset: str, source: str, start: int, arms: dict, wall: float
+) -> dict:
     """summary.json: per-arm measurements, aggregates over measurements, and the plain statement."""
     agg: dict[str, dict[str, float]] = {}
     for arm, res in arms.items():
-        pts = [p for p in res["points"] if p["step"] > start] or res["points"]  # after training starts
+        pts = [p for p in res["points"] if p["step"] > start] or res[
+            "points"
+        ]  # after training starts
         agg[arm] = {
-            "ics_l2": _mean([_mean(p["ics"]["l2"][1:]) for p in pts]),  # layer 0 has no earlier layers
+            "ics_l2": _mean(
+                [_mean(p["ics"]["l2"][1:]) for p in pts]
+            ),  # layer 0 has no earlier layers
             "ics_relative": _mean([_mean(p["ics"]["relative"][1:]) for p in pts]),
             "ics_cosine": _mean([_mean(p["ics"]["cosine"][1:]) for p in pts]),
             "loss_range": _mean([p["landscape"]["loss_range"] for p in pts]),
@@ -300,8 +398,13 @@ def make_summary(cfg: Config, dataset: str, source: str, start: int, arms: dict,
             "final_test_accuracy": res["points"][-1]["test_accuracy"],
         }
     return {
-        "experiment": NAME, "model": cfg.model, "dataset": dataset, "data_source": source,
-        "start_step": start, "steps": cfg.steps, "lr": cfg.learning_rate(),
+        "experiment": NAME,
+        "model": cfg.model,
+        "dataset": dataset,
+        "data_source": source,
+        "start_step": start,
+        "steps": cfg.steps,
+        "lr": cfg.learning_rate(),
         "step_sizes": [cfg.learning_rate() * m for m in cfg.multipliers()],
         "measure_steps": [p["step"] for p in arms[ARMS[0]]["points"]],
         "arms": {arm: {"points": res["points"]} for arm, res in arms.items()},
@@ -319,12 +422,22 @@ def statement(agg: dict[str, dict[str, float]]) -> str:
     def ratio(key: str) -> float:
         return n[key] / b[key] if b[key] > 0 else float("inf")
 
-    ics_r, rel_r, beta_r, var_r = ratio("ics_l2"), ratio("ics_relative"), ratio("effective_beta"), ratio("loss_range")
-    ics_says = ("BN reduced internal covariate shift" if ics_r < 1 and rel_r < 1 and n["ics_cosine"] >= b["ics_cosine"]
-                else "BN did not reduce internal covariate shift")
-    smooth_says = ("the loss landscape along the gradient was smoother with BN"
-                   if beta_r < 1 and var_r < 1 else
-                   "the loss landscape along the gradient was not smoother with BN on both counts")
+    ics_r, rel_r, beta_r, var_r = (
+        ratio("ics_l2"),
+        ratio("ics_relative"),
+        ratio("effective_beta"),
+        ratio("loss_range"),
+    )
+    ics_says = (
+        "BN reduced internal covariate shift"
+        if ics_r < 1 and rel_r < 1 and n["ics_cosine"] >= b["ics_cosine"]
+        else "BN did not reduce internal covariate shift"
+    )
+    smooth_says = (
+        "the loss landscape along the gradient was smoother with BN"
+        if beta_r < 1 and var_r < 1
+        else "the loss landscape along the gradient was not smoother with BN on both counts"
+    )
     return (
         f"{ics_says} as Santurkar et al. measure it: the ℓ2 change of a layer's gradient when the "
         f"layers before it are updated was {ics_r:.2g}× the plain network's ({rel_r:.2g}× relative to "
@@ -341,11 +454,21 @@ def plot(summary: dict, out: Path) -> list[Path]:
     plt = pyplot()
 
     pct = summary["percentiles"]
-    panels = {f"{LABELS[arm]}: input to {rec.get('module', '')} '{name}'": rec
-              for arm in ARMS for name, rec in pct[arm]["layers"].items()}
+    panels = {
+        f"{LABELS[arm]}: input to {rec.get('module', '')} '{name}'": rec
+        for arm in ARMS
+        for name, rec in pct[arm]["layers"].items()
+    }
     cols = max(len(pct[arm]["layers"]) for arm in ARMS)
-    paths = [plot_percentile_runs(panels, pct[ARMS[0]]["percentiles"], out / "percentiles.png", cols=cols,
-                                  title="Percentiles of one unit's pre-activation over training")]
+    paths = [
+        plot_percentile_runs(
+            panels,
+            pct[ARMS[0]]["percentiles"],
+            out / "percentiles.png",
+            cols=cols,
+            title="Percentiles of one unit's pre-activation over training",
+        )
+    ]
     colors = {"baseline": "tab:gray", "bn": "tab:blue"}
     steps = summary["measure_steps"]
 
@@ -355,8 +478,13 @@ def plot(summary: dict, out: Path) -> list[Path]:
         layers = pts[0]["ics"]["layers"]
         for j, name in enumerate(layers[1:], start=1):
             ls = ["-", "--", ":", "-."][j % 4]
-            axes[0].plot(steps, [p["ics"]["l2"][j] for p in pts], ls, color=colors[arm],
-                         label=f"{LABELS[arm]} layer {name}")
+            axes[0].plot(
+                steps,
+                [p["ics"]["l2"][j] for p in pts],
+                ls,
+                color=colors[arm],
+                label=f"{LABELS[arm]} layer {name}",
+            )
             axes[1].plot(steps, [p["ics"]["cosine"][j] for p in pts], ls, color=colors[arm])
     axes[0].set(title="ICS: ‖G − G′‖₂ per layer", xlabel="step", yscale="log")
     axes[1].set(title="ICS: cos(G, G′) per layer (1 = no shift)", xlabel="step")
@@ -398,52 +526,112 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
     ics_ok = n["ics_l2"] < b["ics_l2"]
     smooth_ok = n["effective_beta"] < b["effective_beta"] and n["loss_range"] < b["loss_range"]
     claims = [
-        Claim("BN reduces internal covariate shift (the paper's explanation)",
-              "the motivation of BN; not measured in the paper. Santurkar et al.: not reduced",
-              f"ICS ℓ2 {_g(n['ics_l2'])} with BN vs {_g(b['ics_l2'])} without; cosine "
-              f"{n['ics_cosine']:.3f} vs {b['ics_cosine']:.3f}",
-              "reduced here" if ics_ok else "not reduced here (as Santurkar et al. found)"),
-        Claim("BN smooths the loss landscape (Santurkar et al.)",
-              "loss variation and effective β-smoothness much lower with BN",
-              f"effective β {_g(n['effective_beta'])} vs {_g(b['effective_beta'])}; loss variation "
-              f"{_g(n['loss_range'])} vs {_g(b['loss_range'])}",
-              "consistent" if smooth_ok else "not reproduced here"),
-        Claim("BN networks reach higher accuracy", "Figure 1(a)",
-              f"{100 * n['final_test_accuracy']:.2f}% vs {100 * b['final_test_accuracy']:.2f}%",
-              "consistent" if n["final_test_accuracy"] > b["final_test_accuracy"] else "not reproduced"),
+        Claim(
+            "BN reduces internal covariate shift (the paper's explanation)",
+            "the motivation of BN; not measured in the paper. Santurkar et al.: not reduced",
+            f"ICS ℓ2 {_g(n['ics_l2'])} with BN vs {_g(b['ics_l2'])} without; cosine "
+            f"{n['ics_cosine']:.3f} vs {b['ics_cosine']:.3f}",
+            "reduced here" if ics_ok else "not reduced here (as Santurkar et al. found)",
+        ),
+        Claim(
+            "BN smooths the loss landscape (Santurkar et al.)",
+            "loss variation and effective β-smoothness much lower with BN",
+            f"effective β {_g(n['effective_beta'])} vs {_g(b['effective_beta'])}; loss variation "
+            f"{_g(n['loss_range'])} vs {_g(b['loss_range'])}",
+            "consistent" if smooth_ok else "not reproduced here",
+        ),
+        Claim(
+            "BN networks reach higher accuracy",
+            "Figure 1(a)",
+            f"{100 * n['final_test_accuracy']:.2f}% vs {100 * b['final_test_accuracy']:.2f}%",
+            "consistent"
+            if n["final_test_accuracy"] > b["final_test_accuracy"]
+            else "not reproduced",
+        ),
     ]
     rows = []
     for arm in ARMS:
         for p in summary["arms"][arm]["points"]:
-            rows.append([LABELS[arm], p["step"], f"{100 * p['test_accuracy']:.2f}%",
-                         ", ".join(_g(v) for v in p["ics"]["l2"]),
-                         ", ".join(f"{v:.3f}" for v in p["ics"]["cosine"]),
-                         _g(p["landscape"]["loss_range"]), _g(p["landscape"]["effective_beta"])])
-    tables = [Table("Measurements (each averaged over the measurement batches)",
-                    ["network", "step", "test acc", "ICS ℓ2 per layer", "ICS cosine per layer",
-                     "loss variation", "effective β"], rows)]
+            rows.append(
+                [
+                    LABELS[arm],
+                    p["step"],
+                    f"{100 * p['test_accuracy']:.2f}%",
+                    ", ".join(_g(v) for v in p["ics"]["l2"]),
+                    ", ".join(f"{v:.3f}" for v in p["ics"]["cosine"]),
+                    _g(p["landscape"]["loss_range"]),
+                    _g(p["landscape"]["effective_beta"]),
+                ]
+            )
+    tables = [
+        Table(
+            "Measurements (each averaged over the measurement batches)",
+            [
+                "network",
+                "step",
+                "test acc",
+                "ICS ℓ2 per layer",
+                "ICS cosine per layer",
+                "loss variation",
+                "effective β",
+            ],
+            rows,
+        )
+    ]
     health = summary["arms"]["bn"]["points"][-1]["health"] or []
     if health:
-        tables.append(Table(
-            f"BN health at step {summary['measure_steps'][-1]} (test images, eval mode)",
-            ["layer", "channels", "mean shift (mean / max, running σ)", "var ratio (min / max)",
-             "running var < 1e-4", "|γ| < 1e-2", "mean |γ|"],
-            [[r["layer"], r["channels"], f"{_g(r['mean_shift_mean'])} / {_g(r['mean_shift_max'])}",
-              f"{_g(r['var_ratio_min'])} / {_g(r['var_ratio_max'])}", r["low_var_channels"],
-              r["gamma_collapsed"], _g(r["gamma_abs_mean"])] for r in health]))
-    model = "sigmoid MLP 784-100-100-100-10 (fig1)" if summary["model"] == "mlp" else "LeNet convnet (ReLU)"
+        tables.append(
+            Table(
+                f"BN health at step {summary['measure_steps'][-1]} (test images, eval mode)",
+                [
+                    "layer",
+                    "channels",
+                    "mean shift (mean / max, running σ)",
+                    "var ratio (min / max)",
+                    "running var < 1e-4",
+                    "|γ| < 1e-2",
+                    "mean |γ|",
+                ],
+                [
+                    [
+                        r["layer"],
+                        r["channels"],
+                        f"{_g(r['mean_shift_mean'])} / {_g(r['mean_shift_max'])}",
+                        f"{_g(r['var_ratio_min'])} / {_g(r['var_ratio_max'])}",
+                        r["low_var_channels"],
+                        r["gamma_collapsed"],
+                        _g(r["gamma_abs_mean"]),
+                    ]
+                    for r in health
+                ],
+            )
+        )
+    model = (
+        "sigmoid MLP 784-100-100-100-10 (fig1)"
+        if summary["model"] == "mlp"
+        else "LeNet convnet (ReLU)"
+    )
     return ReportSections(
         title=f"Diagnose: internal covariate shift vs loss smoothness — {model}, {summary['dataset']}",
         intro=summary["statement"],
         claims=claims,
         figures=[
-            Figure("ics.png", "Internal covariate shift (Santurkar et al. 2018) per layer: ℓ2 distance and "
-                   "cosine between a layer's gradient before and after the earlier layers' SGD step "
-                   "on the same batch. The first layer has no earlier layers and is left out."),
-            Figure("landscape.png", "Along −∇L with step sizes lr × multipliers: loss variation (max − min), "
-                   "gradient change at the largest step, effective β-smoothness; and test accuracy."),
-            Figure("percentiles.png", "15th, 50th and 85th percentiles of one (random, fixed) unit's input to "
-                   "each nonlinearity over training mini-batches, like the paper's Figure 1(b, c)."),
+            Figure(
+                "ics.png",
+                "Internal covariate shift (Santurkar et al. 2018) per layer: ℓ2 distance and "
+                "cosine between a layer's gradient before and after the earlier layers' SGD step "
+                "on the same batch. The first layer has no earlier layers and is left out.",
+            ),
+            Figure(
+                "landscape.png",
+                "Along −∇L with step sizes lr × multipliers: loss variation (max − min), "
+                "gradient change at the largest step, effective β-smoothness; and test accuracy.",
+            ),
+            Figure(
+                "percentiles.png",
+                "15th, 50th and 85th percentiles of one (random, fixed) unit's input to "
+                "each nonlinearity over training mini-batches, like the paper's Figure 1(b, c).",
+            ),
         ],
         tables=tables,
         notes=[
@@ -460,16 +648,28 @@ def add_command(sub: Any) -> None:
     """Add ``batchnorm diagnose`` to the ``batchnorm`` command (see ``cli.EXTRA_COMMANDS``)."""
     from ..cli import add_config_options
 
-    p = sub.add_parser("diagnose", help="ICS vs loss smoothness: measure BN's effect inside the networks",
-                       allow_abbrev=False, description=(__doc__ or "").strip().splitlines()[0])
+    p = sub.add_parser(
+        "diagnose",
+        help="ICS vs loss smoothness: measure BN's effect inside the networks",
+        allow_abbrev=False,
+        description=(__doc__ or "").strip().splitlines()[0],
+    )
     add_config_options(p, Config)
-    p.add_argument("--quick", action="store_true",
-                   help="a small CI-sized run (prints the settings it changes); its numbers are "
-                        "not the paper's scale")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small CI-sized run (prints the settings it changes); its numbers are "
+        "not the paper's scale",
+    )
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/diagnose)")
-    p.add_argument("--resume", action="store_true", help="accepted for symmetry; a diagnose run restarts")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start the run in --out again, replacing its metrics and report")
+    p.add_argument(
+        "--resume", action="store_true", help="accepted for symmetry; a diagnose run restarts"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the run in --out again, replacing its metrics and report",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_diagnose, _parser=p)
 
@@ -484,8 +684,11 @@ def _cmd_diagnose(args: Any) -> int:
         from ..cli import announce_quick
 
         announce_quick(Config, "diagnose")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-                 if getattr(args, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Config)
+        if getattr(args, f.name, None) is not None
+    }
     try:
         cfg = dataclasses.replace(base, **overrides)
     except (ValueError, TypeError) as e:

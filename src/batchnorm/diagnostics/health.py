@@ -70,41 +70,57 @@ def bn_health(
             ),
             "low_var_channels": int((rv < var_threshold).sum()) if rv is not None else None,
             "min_running_var": float(rv.min()) if rv is not None else None,
-            "gamma_collapsed": None, "gamma_abs_mean": None, "gamma_abs_min": None,
-            "mean_shift_mean": None, "mean_shift_max": None,
-            "var_ratio_min": None, "var_ratio_max": None, "log_var_ratio_mean": None,
+            "gamma_collapsed": None,
+            "gamma_abs_mean": None,
+            "gamma_abs_min": None,
+            "mean_shift_mean": None,
+            "mean_shift_max": None,
+            "var_ratio_min": None,
+            "var_ratio_max": None,
+            "log_var_ratio_mean": None,
         }
         if bn.weight is not None:
             g = bn.weight.detach().abs().double()
-            row.update(gamma_collapsed=int((g < gamma_threshold).sum()),
-                       gamma_abs_mean=float(g.mean()), gamma_abs_min=float(g.min()))
+            row.update(
+                gamma_collapsed=int((g < gamma_threshold).sum()),
+                gamma_abs_mean=float(g.mean()),
+                gamma_abs_min=float(g.min()),
+            )
         if name in seen and rm is not None:
             mean, var = _channel_stats(seen[name])
             rm64, rv64 = rm.detach().double(), rv.detach().double()
             shift = (mean - rm64).abs() / (rv64 + bn.eps).sqrt()
             ratio = (var + bn.eps) / (rv64 + bn.eps)
             row.update(
-                mean_shift_mean=float(shift.mean()), mean_shift_max=float(shift.max()),
-                var_ratio_min=float(ratio.min()), var_ratio_max=float(ratio.max()),
+                mean_shift_mean=float(shift.mean()),
+                mean_shift_max=float(shift.max()),
+                var_ratio_min=float(ratio.min()),
+                var_ratio_max=float(ratio.max()),
                 log_var_ratio_mean=float(ratio.log().abs().mean()),
             )
         rows.append(row)
     return rows
 
 
-def _capture_inputs(model: nn.Module, layers: dict[str, nn.Module], inputs: Tensor,
-                    train_mode: bool) -> dict[str, Tensor]:
+def _capture_inputs(
+    model: nn.Module, layers: dict[str, nn.Module], inputs: Tensor, train_mode: bool
+) -> dict[str, Tensor]:
     seen: dict[str, Tensor] = {}
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: Any) -> None:
             seen.setdefault(name, args[0].detach())
+
         return hook
 
     modes = {m: m.training for m in model.modules()}
-    saved = {n: [b.clone() if b is not None else None
-                 for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
-             for n, m in layers.items()}
+    saved = {
+        n: [
+            b.clone() if b is not None else None
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+        ]
+        for n, m in layers.items()
+    }
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
     try:
         model.train(train_mode)
@@ -117,8 +133,9 @@ def _capture_inputs(model: nn.Module, layers: dict[str, nn.Module], inputs: Tens
             m.training = mode
         with torch.no_grad():
             for n, m in layers.items():
-                for buf, old in zip((m.running_mean, m.running_var, m.num_batches_tracked),
-                                    saved[n], strict=True):
+                for buf, old in zip(
+                    (m.running_mean, m.running_var, m.num_batches_tracked), saved[n], strict=True
+                ):
                     if buf is not None:
                         buf.copy_(old)
     return seen
@@ -126,10 +143,17 @@ def _capture_inputs(model: nn.Module, layers: dict[str, nn.Module], inputs: Tens
 
 def health_table(rows: list[dict[str, Any]]) -> str:
     """Fixed-width text table of :func:`bn_health` rows."""
-    cols = [("layer", "layer"), ("channels", "C"), ("mean_shift_mean", "shift(mean)"),
-            ("mean_shift_max", "shift(max)"), ("var_ratio_min", "var ratio min"),
-            ("var_ratio_max", "var ratio max"), ("low_var_channels", "low-var ch"),
-            ("gamma_collapsed", "|γ|≈0 ch"), ("gamma_abs_mean", "mean |γ|")]
+    cols = [
+        ("layer", "layer"),
+        ("channels", "C"),
+        ("mean_shift_mean", "shift(mean)"),
+        ("mean_shift_max", "shift(max)"),
+        ("var_ratio_min", "var ratio min"),
+        ("var_ratio_max", "var ratio max"),
+        ("low_var_channels", "low-var ch"),
+        ("gamma_collapsed", "|γ|≈0 ch"),
+        ("gamma_abs_mean", "mean |γ|"),
+    ]
 
     def fmt(v: Any) -> str:
         if v is None:

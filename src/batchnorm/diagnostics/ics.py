@@ -34,7 +34,8 @@ _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def default_ics_layers(model: nn.Module) -> list[str]:
     """Names of the Linear/Conv layers with a trainable weight (Santurkar et al.'s "layers")."""
     return [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if isinstance(m, _WEIGHTED) and m.weight is not None and m.weight.requires_grad
     ]
 
@@ -48,6 +49,7 @@ def forward_order(model: nn.Module, inputs: Any) -> list[str]:
         def hook(module: nn.Module, args: Any) -> None:
             if name not in order:
                 order.append(name)
+
         return hook
 
     for name, module in model.named_modules():
@@ -76,8 +78,12 @@ def _clone_optimizer(
                 f"the optimizer holds {len(missing)} parameter(s) that are not in the model; "
                 f"pass the optimizer built over this model's parameters"
             )
-        groups.append({**{k: v for k, v in g.items() if k != "params"},
-                       "params": [dst_params[names[id(p)]] for p in g["params"]]})
+        groups.append(
+            {
+                **{k: v for k, v in g.items() if k != "params"},
+                "params": [dst_params[names[id(p)]] for p in g["params"]],
+            }
+        )
     clone = type(opt)(groups, **opt.defaults)
     clone.load_state_dict(copy.deepcopy(opt.state_dict()))
     return clone
@@ -116,6 +122,7 @@ def internal_covariate_shift(
         def make_opt(m: nn.Module) -> torch.optim.Optimizer:
             return torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr)
     elif isinstance(optimizer, torch.optim.Optimizer):
+
         def make_opt(m: nn.Module) -> torch.optim.Optimizer:
             return _clone_optimizer(optimizer, model, m)
     else:
@@ -126,8 +133,11 @@ def internal_covariate_shift(
 
     names = list(layers) if layers is not None else default_ics_layers(model)
     modules = dict(model.named_modules())
-    bad = [n for n in names
-           if n not in modules or not isinstance(getattr(modules[n], "weight", None), Tensor)]
+    bad = [
+        n
+        for n in names
+        if n not in modules or not isinstance(getattr(modules[n], "weight", None), Tensor)
+    ]
     if bad:
         raise ValueError(
             f"layers {bad} are not modules with a weight; try {default_ics_layers(model)}"
@@ -165,8 +175,14 @@ def internal_covariate_shift(
 
 
 def _gradient_before_after(
-    model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer],
-    inputs: Any, targets: Any, loss_fn: LossFn, name: str, earlier: list[str], rng: Tensor,
+    model: nn.Module,
+    make_opt: Callable[[nn.Module], torch.optim.Optimizer],
+    inputs: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    name: str,
+    earlier: list[str],
+    rng: Tensor,
 ) -> tuple[Tensor, Tensor]:
     work = copy.deepcopy(model)
     opt = make_opt(work)

@@ -30,8 +30,22 @@ __all__ = ["ActivationTracker", "ACTIVATIONS", "plot_percentile_runs"]
 
 # Modules whose input is a pre-activation.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.Sigmoid, nn.Tanh, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
 )
 
 
@@ -138,12 +152,14 @@ class ActivationTracker:
         def hook(module: nn.Module, args: Any) -> None:
             if self._recording and args and isinstance(args[0], Tensor):
                 self._record(name, args[0])
+
         return hook
 
     def _output_hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._recording and isinstance(output, Tensor):
                 self._record(name, output)
+
         return hook
 
     # ------------------------------------------------------------------ recording
@@ -211,8 +227,12 @@ class ActivationTracker:
 
 
 def plot_percentile_runs(
-    panels: dict[str, dict[str, Any]], percentiles: Sequence[float], path: str | os.PathLike,
-    *, title: str | None = None, cols: int = 3,
+    panels: dict[str, dict[str, Any]],
+    percentiles: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    cols: int = 3,
 ) -> Path:
     """Plot ``{panel title: layer record}`` (records as in ``results()["layers"]``) side by side."""
     from ..experiments.report import pyplot, save_figure  # matplotlib only when plotting
@@ -231,7 +251,7 @@ def plot_percentile_runs(
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].set_ylabel("pre-activation")
     if axes.flat[0].lines:

@@ -30,7 +30,9 @@ EXPERIMENTS: dict[str, str] = {
 def load_experiment(name: str) -> ModuleType:
     """Import the module registered as ``name``; ValueError listing the known names otherwise."""
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}")
+        raise ValueError(
+            f"unknown experiment {name!r}; available: {', '.join(sorted(EXPERIMENTS))}"
+        )
     return importlib.import_module(EXPERIMENTS[name])
 
 

@@ -21,8 +21,12 @@ from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_
 NAME = "ablation"
 VARIANTS = ("Baseline", "Baseline-Sigmoid", "BN-Baseline", "BN-x5", "BN-x30", "BN-x5-Sigmoid")
 PAPER = {  # Section 4.2: steps to 72.2% (Inception's best) and max accuracy, ImageNet
-    "Baseline": (31.0e6, 0.722), "BN-Baseline": (13.3e6, 0.727), "BN-x5": (2.1e6, 0.730),
-    "BN-x30": (2.7e6, 0.748), "BN-x5-Sigmoid": (None, 0.698), "Baseline-Sigmoid": (None, 0.001),
+    "Baseline": (31.0e6, 0.722),
+    "BN-Baseline": (13.3e6, 0.727),
+    "BN-x5": (2.1e6, 0.730),
+    "BN-x30": (2.7e6, 0.748),
+    "BN-x5-Sigmoid": (None, 0.698),
+    "Baseline-Sigmoid": (None, 0.001),
 }
 
 
@@ -40,15 +44,28 @@ class Config(T.DataConfig):
     eval_examples: int = field(default=5000, metadata=_h("test examples per evaluation (0: all)"))
     lr: float = field(default=0.01, metadata=_h("Baseline learning rate (BN-x5: x5, BN-x30: x30)"))
     momentum: float = field(default=0.9, metadata=_h("SGD momentum"))
-    weight_decay: float = field(default=5e-4, metadata=_h("Baseline L2 (the recipe divides it by 5)"))
-    dropout: float = field(default=0.4, metadata=_h("Baseline dropout before the classifier (recipe: 0)"))
-    lr_decay: float = field(default=0.5, metadata=_h("Baseline lr factor over the budget (recipe: this^6)"))
-    rotation: float = field(default=10.0, metadata=_h("augmentation: max rotation, degrees (recipe: half)"))
+    weight_decay: float = field(
+        default=5e-4, metadata=_h("Baseline L2 (the recipe divides it by 5)")
+    )
+    dropout: float = field(
+        default=0.4, metadata=_h("Baseline dropout before the classifier (recipe: 0)")
+    )
+    lr_decay: float = field(
+        default=0.5, metadata=_h("Baseline lr factor over the budget (recipe: this^6)")
+    )
+    rotation: float = field(
+        default=10.0, metadata=_h("augmentation: max rotation, degrees (recipe: half)")
+    )
     shear: float = field(default=0.1, metadata=_h("augmentation: max shear factor (recipe: half)"))
     zoom: float = field(default=0.1, metadata=_h("augmentation: max relative zoom (recipe: half)"))
-    bn_impl: str = field(default="batchnorm", metadata=_h(
-        "BN code: this package's layers (compiled kernels), the same on the reference equations, "
-        "or torch.nn", choices=list(T.BN_IMPLS)))
+    bn_impl: str = field(
+        default="batchnorm",
+        metadata=_h(
+            "BN code: this package's layers (compiled kernels), the same on the reference equations, "
+            "or torch.nn",
+            choices=list(T.BN_IMPLS),
+        ),
+    )
     seed: int = field(default=0, metadata=_h("random seed"))
 
     def __post_init__(self) -> None:
@@ -70,7 +87,10 @@ class Config(T.DataConfig):
 
 def variants(cfg: Config) -> list[T.Variant]:
     """The six variants of Section 4.2 (Inception → Baseline), scaled."""
-    aug, light = T.Augment(cfg.rotation, cfg.shear, cfg.zoom), T.Augment(cfg.rotation, cfg.shear, cfg.zoom).scaled(0.5)
+    aug, light = (
+        T.Augment(cfg.rotation, cfg.shear, cfg.zoom),
+        T.Augment(cfg.rotation, cfg.shear, cfg.zoom).scaled(0.5),
+    )
     n = cfg.steps
 
     def base_lr(s: int) -> float:
@@ -80,9 +100,16 @@ def variants(cfg: Config) -> list[T.Variant]:
         return lambda s: mult * cfg.lr * cfg.lr_decay ** (6 * s / n)  # decay 6x faster
 
     def net(bn: bool, act: str, recipe: bool):
-        return T.with_bn_impl(lambda: InceptionNet(bn=bn, activation=act, lrn=not recipe,
-                                                   dropout=0.0 if recipe else cfg.dropout,
-                                                   width=cfg.width), cfg.bn_impl)
+        return T.with_bn_impl(
+            lambda: InceptionNet(
+                bn=bn,
+                activation=act,
+                lrn=not recipe,
+                dropout=0.0 if recipe else cfg.dropout,
+                width=cfg.width,
+            ),
+            cfg.bn_impl,
+        )
 
     wd, m = cfg.weight_decay, cfg.momentum
     return [
@@ -107,33 +134,65 @@ def table(results: dict[str, dict]) -> list[dict]:
     rows = []
     for name, r in results.items():
         s = steps_to(r["evals"], target)
-        rows.append({"variant": name, "steps_to_baseline_best": s, "max_test_acc": r["best_acc"],
-                     "step_of_max": r["best_step"], "final_test_acc": r["final"]["test_acc"] if r["final"] else None,
-                     "speedup": (base_steps / s) if s else None, "diverged": r["diverged"],
-                     "ms_per_step": r["ms_per_step"], "wall_seconds": r["wall_seconds"]})
+        rows.append(
+            {
+                "variant": name,
+                "steps_to_baseline_best": s,
+                "max_test_acc": r["best_acc"],
+                "step_of_max": r["best_step"],
+                "final_test_acc": r["final"]["test_acc"] if r["final"] else None,
+                "speedup": (base_steps / s) if s else None,
+                "diverged": r["diverged"],
+                "ms_per_step": r["ms_per_step"],
+                "wall_seconds": r["wall_seconds"],
+            }
+        )
     return rows
 
 
-def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False,
-        quiet: bool = False) -> dict:
+def run(
+    cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False, quiet: bool = False
+) -> dict:
     """Train the six variants for ``cfg.steps`` each; table, Figure-2 plot, summary."""
     clock = Stopwatch()
     out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
-    ds, tx, ty, vx, vy = T.load_data(cfg.dataset, cfg.data_dir, test_subset=cfg.eval_examples, seed=cfg.seed)
+    ds, tx, ty, vx, vy = T.load_data(
+        cfg.dataset, cfg.data_dir, test_subset=cfg.eval_examples, seed=cfg.seed
+    )
     with T.bn_impl(cfg.bn_impl):
-        results = T.train_variants(out, variants(cfg), (tx, ty, vx, vy), steps=cfg.steps,
-                                   eval_every=cfg.eval_every, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   resume=resume, quiet=quiet, save_checkpoint=save_checkpoint)
-    curves = {k: {"step": [e["step"] for e in r["evals"]], "test_acc": [e["test_acc"] for e in r["evals"]]}
-              for k, r in results.items()}
+        results = T.train_variants(
+            out,
+            variants(cfg),
+            (tx, ty, vx, vy),
+            steps=cfg.steps,
+            eval_every=cfg.eval_every,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            resume=resume,
+            quiet=quiet,
+            save_checkpoint=save_checkpoint,
+        )
+    curves = {
+        k: {
+            "step": [e["step"] for e in r["evals"]],
+            "test_acc": [e["test_acc"] for e in r["evals"]],
+        }
+        for k, r in results.items()
+    }
     summary = {
-        "experiment": NAME, "dataset": ds.name, "data_source": ds.source,
-        "train_examples": len(tx), "test_examples": len(vx),
+        "experiment": NAME,
+        "dataset": ds.name,
+        "data_source": ds.source,
+        "train_examples": len(tx),
+        "test_examples": len(vx),
         "baseline_best_acc": results["Baseline"]["best_acc"],
         "baseline_best_step": results["Baseline"]["best_step"],
-        "table": table(results), "curves": curves, "paper": PAPER,
+        "table": table(results),
+        "curves": curves,
+        "paper": PAPER,
         "wall_seconds": sum(r["wall_seconds"] for r in results.values()),
-        "session_seconds": clock.elapsed, "config": dataclasses.asdict(cfg),
+        "session_seconds": clock.elapsed,
+        "config": dataclasses.asdict(cfg),
     }
     plot(summary, out / "ablation_accuracy.png")
     atomic_write_json(out / "summary.json", T.jsonable(summary))
@@ -144,8 +203,14 @@ def plot(summary: dict, path: Path) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    styles = {"Baseline": "k-", "Baseline-Sigmoid": "k:", "BN-Baseline": "C0-", "BN-x5": "C1-",
-              "BN-x30": "C2-", "BN-x5-Sigmoid": "C3--"}
+    styles = {
+        "Baseline": "k-",
+        "Baseline-Sigmoid": "k:",
+        "BN-Baseline": "C0-",
+        "BN-x5": "C1-",
+        "BN-x30": "C2-",
+        "BN-x5-Sigmoid": "C3--",
+    }
     for name, c in summary["curves"].items():
         ax.plot(c["step"], c["test_acc"], styles.get(name, "-"), label=name)
     ax.axhline(summary["baseline_best_acc"], color="gray", lw=0.8, ls="--")
@@ -162,14 +227,24 @@ def _pct(x) -> str:
 
 
 def _rows(summary: dict) -> list[list[str]]:
-    return [[r["variant"], str(r["steps_to_baseline_best"] or "—"), _pct(r["max_test_acc"]),
-             "—" if r["speedup"] is None else f"{r['speedup']:.1f}x", f"{r['ms_per_step']:.0f}"]
-            for r in summary["table"]]
+    return [
+        [
+            r["variant"],
+            str(r["steps_to_baseline_best"] or "—"),
+            _pct(r["max_test_acc"]),
+            "—" if r["speedup"] is None else f"{r['speedup']:.1f}x",
+            f"{r['ms_per_step']:.0f}",
+        ]
+        for r in summary["table"]
+    ]
 
 
 def describe(summary: dict) -> str:
     head = f"Baseline best {_pct(summary['baseline_best_acc'])} at step {summary['baseline_best_step']}"
-    lines = [head, f"{'variant':17s} {'steps to it':>11s} {'max acc':>8s} {'speed-up':>8s} {'ms/step':>7s}"]
+    lines = [
+        head,
+        f"{'variant':17s} {'steps to it':>11s} {'max acc':>8s} {'speed-up':>8s} {'ms/step':>7s}",
+    ]
     lines += [f"{a:17s} {b:>11s} {c:>8s} {d:>8s} {e:>7s}" for a, b, c, d, e in _rows(summary)]
     return "\n".join(lines)
 
@@ -179,35 +254,65 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
     x5, x30 = t["BN-x5"], t["BN-x30"]
     best = max(summary["table"], key=lambda r: r["max_test_acc"])["variant"]
     claims = [
-        Claim("BN-x5 reaches the Baseline's best accuracy in far fewer steps", "14x fewer (2.1M vs 31.0M)",
-              "—" if x5["speedup"] is None else f"{x5['speedup']:.1f}x fewer",
-              "consistent" if (x5["speedup"] or 0) > 1 else "not reproduced"),
-        Claim("BN-Baseline matches the Baseline in under half the steps", "2.3x (13.3M vs 31.0M)",
-              "—" if t["BN-Baseline"]["speedup"] is None else f"{t['BN-Baseline']['speedup']:.1f}x",
-              "consistent" if (t["BN-Baseline"]["speedup"] or 0) >= 2 else
-              "partly" if (t["BN-Baseline"]["speedup"] or 0) > 1 else "not reproduced"),
-        Claim("BN-x30 reaches the highest accuracy", "74.8% vs 72.2%",
-              f"best: {best} ({_pct(t[best]['max_test_acc'])}); BN-x30 {_pct(x30['max_test_acc'])}",
-              "consistent" if best == "BN-x30" else "not reproduced"),
-        Claim("without BN, the sigmoid net does not train; with BN it does", "<0.1% vs 69.8%",
-              f"{_pct(t['Baseline-Sigmoid']['max_test_acc'])} vs {_pct(t['BN-x5-Sigmoid']['max_test_acc'])}",
-              "consistent" if t["BN-x5-Sigmoid"]["max_test_acc"] > t["Baseline-Sigmoid"]["max_test_acc"] + 0.1
-              else "not reproduced"),
+        Claim(
+            "BN-x5 reaches the Baseline's best accuracy in far fewer steps",
+            "14x fewer (2.1M vs 31.0M)",
+            "—" if x5["speedup"] is None else f"{x5['speedup']:.1f}x fewer",
+            "consistent" if (x5["speedup"] or 0) > 1 else "not reproduced",
+        ),
+        Claim(
+            "BN-Baseline matches the Baseline in under half the steps",
+            "2.3x (13.3M vs 31.0M)",
+            "—" if t["BN-Baseline"]["speedup"] is None else f"{t['BN-Baseline']['speedup']:.1f}x",
+            "consistent"
+            if (t["BN-Baseline"]["speedup"] or 0) >= 2
+            else "partly"
+            if (t["BN-Baseline"]["speedup"] or 0) > 1
+            else "not reproduced",
+        ),
+        Claim(
+            "BN-x30 reaches the highest accuracy",
+            "74.8% vs 72.2%",
+            f"best: {best} ({_pct(t[best]['max_test_acc'])}); BN-x30 {_pct(x30['max_test_acc'])}",
+            "consistent" if best == "BN-x30" else "not reproduced",
+        ),
+        Claim(
+            "without BN, the sigmoid net does not train; with BN it does",
+            "<0.1% vs 69.8%",
+            f"{_pct(t['Baseline-Sigmoid']['max_test_acc'])} vs {_pct(t['BN-x5-Sigmoid']['max_test_acc'])}",
+            "consistent"
+            if t["BN-x5-Sigmoid"]["max_test_acc"] > t["Baseline-Sigmoid"]["max_test_acc"] + 0.1
+            else "not reproduced",
+        ),
     ]
     c = summary["config"]
     return ReportSections(
         title=f"Accelerating BN networks: the Section 4.2 ablation on {summary['dataset']}",
-        intro=(f"A small Inception-style net (width {c['width']}) trained {c['steps']} steps at batch "
-               f"{c['batch_size']} per variant with momentum SGD; test accuracy on "
-               f"{summary['test_examples']} test images every {c['eval_every']} steps. Baseline lr "
-               f"{c['lr']}, L2 {c['weight_decay']}, dropout {c['dropout']}, LRN; the recipe (BN-x5, "
-               "BN-x30, BN-x5-Sigmoid) removes dropout and LRN, divides L2 by 5, decays the lr 6x "
-               "faster and halves the augmentation."),
+        intro=(
+            f"A small Inception-style net (width {c['width']}) trained {c['steps']} steps at batch "
+            f"{c['batch_size']} per variant with momentum SGD; test accuracy on "
+            f"{summary['test_examples']} test images every {c['eval_every']} steps. Baseline lr "
+            f"{c['lr']}, L2 {c['weight_decay']}, dropout {c['dropout']}, LRN; the recipe (BN-x5, "
+            "BN-x30, BN-x5-Sigmoid) removes dropout and LRN, divides L2 by 5, decays the lr 6x "
+            "faster and halves the augmentation."
+        ),
         claims=claims,
-        figures=[Figure("ablation_accuracy.png", "test accuracy vs training step; dashed: the Baseline's best")],
-        tables=[Table("Steps to the Baseline's best test accuracy", ["variant", "steps", "max test acc",
-                                                                    "speed-up", "ms/step"], _rows(summary))],
-        notes=["'More thorough shuffling' is not modelled: every variant reshuffles each epoch.",
-               "Speed-up = Baseline's step of its best accuracy / the variant's first step reaching it "
-               "(evaluated every eval_every steps)."],
+        figures=[
+            Figure(
+                "ablation_accuracy.png",
+                "test accuracy vs training step; dashed: the Baseline's best",
+            )
+        ],
+        tables=[
+            Table(
+                "Steps to the Baseline's best test accuracy",
+                ["variant", "steps", "max test acc", "speed-up", "ms/step"],
+                _rows(summary),
+            )
+        ],
+        notes=[
+            "'More thorough shuffling' is not modelled: every variant reshuffles each epoch.",
+            "Speed-up = Baseline's step of its best accuracy / the variant's first step reaching it "
+            "(evaluated every eval_every steps).",
+        ],
     )

@@ -55,16 +55,28 @@ class Config(T.DataConfig):
     momentum: float = field(default=0.9, metadata=_h("SGD momentum"))
     lrs: str = field(default="0.003,0.01,0.03,0.1,0.3,1.0", metadata=_h("claim 1: learning rates"))
     init_scales: str = field(default="0.1,0.3,1,3,10", metadata=_h("claim 2: multiples of He init"))
-    reg_examples: int = field(default=1000, metadata=_h("claim 3: training examples (small, to overfit)"))
+    reg_examples: int = field(
+        default=1000, metadata=_h("claim 3: training examples (small, to overfit)")
+    )
     reg_steps: int = field(default=1500, metadata=_h("claim 3: steps per net"))
     reg_width: int = field(default=256, metadata=_h("claim 3: units per hidden layer (3 layers)"))
     dropout: float = field(default=0.3, metadata=_h("claim 3: dropout rate of the dropout nets"))
-    sigmoid_lr: float = field(default=0.1, metadata=_h("claim 4: learning rate of the sigmoid nets"))
+    sigmoid_lr: float = field(
+        default=0.1, metadata=_h("claim 4: learning rate of the sigmoid nets")
+    )
     ensemble: int = field(default=4, metadata=_h("claim 5: BN LeNets in the ensemble"))
     seed: int = field(default=0, metadata=_h("random seed"))
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "depth", "width", "reg_steps", "reg_width", "reg_examples"):
+        for name in (
+            "steps",
+            "batch_size",
+            "depth",
+            "width",
+            "reg_steps",
+            "reg_width",
+            "reg_examples",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ensemble < 2:
@@ -77,9 +89,20 @@ class Config(T.DataConfig):
     @classmethod
     def quick(cls) -> Config:
         """CI size: digits, small nets, 3-point sweeps, 2-member ensemble."""
-        return cls(dataset="digits", train_examples=0, test_examples=0, steps=25, depth=4, width=32,
-                   lrs="0.01,0.1,1", init_scales="0.1,1,10", reg_examples=200, reg_steps=25,
-                   reg_width=32, ensemble=2)
+        return cls(
+            dataset="digits",
+            train_examples=0,
+            test_examples=0,
+            steps=25,
+            depth=4,
+            width=32,
+            lrs="0.01,0.1,1",
+            init_scales="0.1,1,10",
+            reg_examples=200,
+            reg_steps=25,
+            reg_width=32,
+            ensemble=2,
+        )
 
 
 def _constant(lr: float):
@@ -106,32 +129,64 @@ def variants(cfg: Config, tx, ty, vx, vy) -> list[T.Variant]:
     out = []
     for lr in _floats(cfg.lrs, "lrs"):  # claim 1
         for bn in (False, True):
-            out.append(T.Variant(f"lr/{'bn' if bn else 'plain'}/{lr:g}",
-                                 lambda bn=bn: DeepMLP(width=w, depth=d, bn=bn), _constant(lr), m))
+            out.append(
+                T.Variant(
+                    f"lr/{'bn' if bn else 'plain'}/{lr:g}",
+                    lambda bn=bn: DeepMLP(width=w, depth=d, bn=bn),
+                    _constant(lr),
+                    m,
+                )
+            )
     for s in _floats(cfg.init_scales, "init_scales"):  # claim 2
         for bn in (False, True):
-            out.append(T.Variant(f"init/{'bn' if bn else 'plain'}/{s:g}",
-                                 lambda bn=bn, s=s: DeepMLP(width=w, depth=d, bn=bn, init_scale=s),
-                                 _constant(cfg.lr), m))
-    gx, gy = tx[:cfg.reg_examples], ty[:cfg.reg_examples]
+            out.append(
+                T.Variant(
+                    f"init/{'bn' if bn else 'plain'}/{s:g}",
+                    lambda bn=bn, s=s: DeepMLP(width=w, depth=d, bn=bn, init_scale=s),
+                    _constant(cfg.lr),
+                    m,
+                )
+            )
+    gx, gy = tx[: cfg.reg_examples], ty[: cfg.reg_examples]
     for bn in (False, True):  # claim 3
         for p in (0.0, cfg.dropout):
-            out.append(T.Variant(
-                f"reg/{'bn' if bn else 'plain'}/{'dropout' if p else 'none'}",
-                lambda bn=bn, p=p: DeepMLP(width=cfg.reg_width, depth=3, bn=bn, dropout=p),
-                _constant(cfg.lr), m, steps=cfg.reg_steps, train_n=cfg.reg_examples,
-                finish=lambda model, *_: _eval_train(model, gx, gy)))
+            out.append(
+                T.Variant(
+                    f"reg/{'bn' if bn else 'plain'}/{'dropout' if p else 'none'}",
+                    lambda bn=bn, p=p: DeepMLP(width=cfg.reg_width, depth=3, bn=bn, dropout=p),
+                    _constant(cfg.lr),
+                    m,
+                    steps=cfg.reg_steps,
+                    train_n=cfg.reg_examples,
+                    finish=lambda model, *_: _eval_train(model, gx, gy),
+                )
+            )
     probe = (tx[:256], ty[:256])
     for bn in (False, True):  # claim 4
-        out.append(T.Variant(
-            f"sigmoid/{'bn' if bn else 'plain'}",
-            lambda bn=bn: DeepMLP(width=w, depth=10, activation="sigmoid", bn=bn),
-            _constant(cfg.sigmoid_lr), m,
-            finish=lambda model, *_: {"grad_norms_end": layer_grad_norms(model, *probe)}))
-    for i in range(cfg.ensemble):  # claim 5: members differ in seed, some in dropout (as the paper's)
+        out.append(
+            T.Variant(
+                f"sigmoid/{'bn' if bn else 'plain'}",
+                lambda bn=bn: DeepMLP(width=w, depth=10, activation="sigmoid", bn=bn),
+                _constant(cfg.sigmoid_lr),
+                m,
+                finish=lambda model, *_: {"grad_norms_end": layer_grad_norms(model, *probe)},
+            )
+        )
+    for i in range(
+        cfg.ensemble
+    ):  # claim 5: members differ in seed, some in dropout (as the paper's)
         p = (0.0, 0.05, 0.1)[i % 3]
-        out.append(T.Variant(f"ensemble/{i}", lambda p=p: LeNet(bn=True, dropout=p), _constant(cfg.lr), m,
-                             finish=lambda model, x, y: {"probs": T.evaluate(model, x, y, return_probs=True)["probs"]}))
+        out.append(
+            T.Variant(
+                f"ensemble/{i}",
+                lambda p=p: LeNet(bn=True, dropout=p),
+                _constant(cfg.lr),
+                m,
+                finish=lambda model, x, y: {
+                    "probs": T.evaluate(model, x, y, return_probs=True)["probs"]
+                },
+            )
+        )
     return out
 
 
@@ -143,8 +198,11 @@ def _sweep(results: dict, prefix: str, values: list[float]) -> dict:
     arms = {}
     for arm in ("plain", "bn"):
         rs = [results[f"{prefix}/{arm}/{v:g}"] for v in values]
-        arms[arm] = {"acc": [_final_acc(r) for r in rs], "diverged": [r["diverged"] for r in rs],
-                     "final_train_loss": [r["final"]["train_loss"] if r["final"] else None for r in rs]}
+        arms[arm] = {
+            "acc": [_final_acc(r) for r in rs],
+            "diverged": [r["diverged"] for r in rs],
+            "final_train_loss": [r["final"]["train_loss"] if r["final"] else None for r in rs],
+        }
     best = max(max(a["acc"]) for a in arms.values())
     for a in arms.values():
         a["trains"] = [acc >= best - GOOD_MARGIN for acc in a["acc"]]
@@ -155,14 +213,19 @@ def _fmt_sweep(s: dict, unit: str) -> str:
     parts = []
     for arm in ("plain", "bn"):
         a = s[arm]
-        cells = [f"{unit}{v:g}: {100 * acc:.1f}%{' (div)' if dv else ''}"
-                 for v, acc, dv in zip(s["values"], a["acc"], a["diverged"], strict=True)]
+        cells = [
+            f"{unit}{v:g}: {100 * acc:.1f}%{' (div)' if dv else ''}"
+            for v, acc, dv in zip(s["values"], a["acc"], a["diverged"], strict=True)
+        ]
         parts.append(f"{'BN' if arm == 'bn' else 'no BN'}: " + ", ".join(cells))
     return "; ".join(parts)
 
 
 def verdict_lr(s: dict) -> tuple[str, str]:
-    ok = {arm: [v for v, t in zip(s["values"], s[arm]["trains"], strict=True) if t] for arm in ("plain", "bn")}
+    ok = {
+        arm: [v for v, t in zip(s["values"], s[arm]["trains"], strict=True) if t]
+        for arm in ("plain", "bn")
+    }
     top = {arm: max(ok[arm], default=0.0) for arm in ok}
     n = {arm: len(ok[arm]) for arm in ok}
     if top["bn"] > top["plain"] and n["bn"] >= n["plain"]:
@@ -171,15 +234,22 @@ def verdict_lr(s: dict) -> tuple[str, str]:
         v = "partly"
     else:
         v = "not reproduced"
-    return v, (f"highest lr within {100 * GOOD_MARGIN:.0f} pts of the best: BN {top['bn']:g} vs no BN "
-               f"{top['plain']:g}; lrs that train: BN {n['bn']}/{len(s['values'])}, no BN {n['plain']}/{len(s['values'])}")
+    return v, (
+        f"highest lr within {100 * GOOD_MARGIN:.0f} pts of the best: BN {top['bn']:g} vs no BN "
+        f"{top['plain']:g}; lrs that train: BN {n['bn']}/{len(s['values'])}, no BN {n['plain']}/{len(s['values'])}"
+    )
 
 
 def verdict_init(s: dict) -> tuple[str, str]:
     n = {arm: sum(s[arm]["trains"]) for arm in ("plain", "bn")}
     k = len(s["values"])
-    v = ("reproduced" if n["bn"] == k and n["plain"] < k else
-         "partly" if n["bn"] > n["plain"] else "not reproduced")
+    v = (
+        "reproduced"
+        if n["bn"] == k and n["plain"] < k
+        else "partly"
+        if n["bn"] > n["plain"]
+        else "not reproduced"
+    )
     return v, f"init scales that train: BN {n['bn']}/{k}, no BN {n['plain']}/{k}"
 
 
@@ -197,106 +267,176 @@ def regularization(results: dict) -> dict:
 def verdict_reg(g: dict) -> tuple[str, str]:
     smaller_gap = g["bn/none"]["gap"] < g["plain/none"]["gap"]
     replaces_dropout = g["bn/none"]["test_acc"] >= g["plain/dropout"]["test_acc"]
-    v = "reproduced" if smaller_gap and replaces_dropout else "partly" if smaller_gap or replaces_dropout else "not reproduced"
-    txt = "; ".join(f"{k}: train {100 * r['train_acc']:.1f}% test {100 * r['test_acc']:.1f}% gap "
-                    f"{100 * r['gap']:.1f} pts" for k, r in g.items())
+    v = (
+        "reproduced"
+        if smaller_gap and replaces_dropout
+        else "partly"
+        if smaller_gap or replaces_dropout
+        else "not reproduced"
+    )
+    txt = "; ".join(
+        f"{k}: train {100 * r['train_acc']:.1f}% test {100 * r['test_acc']:.1f}% gap "
+        f"{100 * r['gap']:.1f} pts"
+        for k, r in g.items()
+    )
     return v, txt
 
 
 def verdict_sigmoid(sg: dict) -> tuple[str, str]:
     p, b = sg["plain"]["test_acc"], sg["bn"]["test_acc"]
     v = "reproduced" if p < 0.3 and b >= p + 0.3 else "partly" if b > p + 0.05 else "not reproduced"
-    ratio = {a: sg[a]["grad_norms_init"][0] / max(sg[a]["grad_norms_init"][-1], 1e-30) for a in ("plain", "bn")}
-    return v, (f"10-layer sigmoid net: test acc BN {100 * b:.1f}% vs no BN {100 * p:.1f}%; at init "
-               f"first/last-layer gradient norm ratio BN {ratio['bn']:.2g}, no BN {ratio['plain']:.2g}")
+    ratio = {
+        a: sg[a]["grad_norms_init"][0] / max(sg[a]["grad_norms_init"][-1], 1e-30)
+        for a in ("plain", "bn")
+    }
+    return v, (
+        f"10-layer sigmoid net: test acc BN {100 * b:.1f}% vs no BN {100 * p:.1f}%; at init "
+        f"first/last-layer gradient norm ratio BN {ratio['bn']:.2g}, no BN {ratio['plain']:.2g}"
+    )
 
 
 def verdict_ensemble(e: dict) -> tuple[str, str]:
     better1 = e["ensemble_top1_err"] < e["best_member_top1_err"]
     better5 = e["ensemble_top5_err"] <= e["best_member_top5_err"]
-    v = "reproduced" if better1 and better5 else "partly" if better1 or better5 else "not reproduced"
-    return v, (f"{e['k']} BN LeNets: ensemble top-1 error {100 * e['ensemble_top1_err']:.2f}% vs best member "
-               f"{100 * e['best_member_top1_err']:.2f}%; top-5 {100 * e['ensemble_top5_err']:.2f}% vs "
-               f"{100 * e['best_member_top5_err']:.2f}%")
+    v = (
+        "reproduced"
+        if better1 and better5
+        else "partly"
+        if better1 or better5
+        else "not reproduced"
+    )
+    return v, (
+        f"{e['k']} BN LeNets: ensemble top-1 error {100 * e['ensemble_top1_err']:.2f}% vs best member "
+        f"{100 * e['best_member_top1_err']:.2f}%; top-5 {100 * e['ensemble_top5_err']:.2f}% vs "
+        f"{100 * e['best_member_top5_err']:.2f}%"
+    )
 
 
 def ensemble_errors(member_probs: list[torch.Tensor], y: torch.Tensor) -> dict:
     """Top-1/top-5 error of each member and of the average of their class probabilities."""
+
     def errs(p: torch.Tensor) -> tuple[float, float]:
         top = p.topk(min(5, p.shape[1]), dim=1).indices
-        return (1 - (top[:, 0] == y).float().mean().item(), 1 - (top == y[:, None]).any(1).float().mean().item())
+        return (
+            1 - (top[:, 0] == y).float().mean().item(),
+            1 - (top == y[:, None]).any(1).float().mean().item(),
+        )
 
     members = [errs(p) for p in member_probs]
     ens = errs(torch.stack(member_probs).mean(0))
     best = min(range(len(members)), key=lambda i: members[i])
-    return {"k": len(members), "member_top1_err": [m[0] for m in members],
-            "member_top5_err": [m[1] for m in members], "best_member": best,
-            "best_member_top1_err": members[best][0], "best_member_top5_err": members[best][1],
-            "ensemble_top1_err": ens[0], "ensemble_top5_err": ens[1]}
+    return {
+        "k": len(members),
+        "member_top1_err": [m[0] for m in members],
+        "member_top5_err": [m[1] for m in members],
+        "best_member": best,
+        "best_member_top1_err": members[best][0],
+        "best_member_top5_err": members[best][1],
+        "ensemble_top1_err": ens[0],
+        "ensemble_top5_err": ens[1],
+    }
 
 
-def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False,
-        quiet: bool = False) -> dict:
+def run(
+    cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False, quiet: bool = False
+) -> dict:
     """Train every net of the five claims; verdicts, plots, summary."""
     clock = Stopwatch()
     out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
-    ds, tx, ty, vx, vy = T.load_data(cfg.dataset, cfg.data_dir, cfg.train_examples, cfg.test_examples, cfg.seed)
+    ds, tx, ty, vx, vy = T.load_data(
+        cfg.dataset, cfg.data_dir, cfg.train_examples, cfg.test_examples, cfg.seed
+    )
     vs = variants(cfg, tx, ty, vx, vy)
-    results = T.train_variants(out, vs, (tx, ty, vx, vy), steps=cfg.steps, eval_every=max(cfg.steps // 3, 1),
-                               batch_size=cfg.batch_size, seed=cfg.seed, resume=resume, quiet=quiet,
-                               save_checkpoint=save_checkpoint)
+    results = T.train_variants(
+        out,
+        vs,
+        (tx, ty, vx, vy),
+        steps=cfg.steps,
+        eval_every=max(cfg.steps // 3, 1),
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        resume=resume,
+        quiet=quiet,
+        save_checkpoint=save_checkpoint,
+    )
     builds = {v.name: v.build for v in vs}
     sig = {}
     for arm in ("plain", "bn"):  # gradient norms at init: the same seed train_variants used
         name = f"sigmoid/{arm}"
         torch.manual_seed(T.variant_seed(cfg.seed, f"variant/{name}/init"))
-        sig[arm] = {"test_acc": _final_acc(results[name]),
-                    "grad_norms_init": layer_grad_norms(builds[name](), tx[:256], ty[:256]),
-                    "grad_norms_end": results[name]["grad_norms_end"],
-                    "curve": [e["test_acc"] for e in results[name]["evals"]],
-                    "steps": [e["step"] for e in results[name]["evals"]]}
+        sig[arm] = {
+            "test_acc": _final_acc(results[name]),
+            "grad_norms_init": layer_grad_norms(builds[name](), tx[:256], ty[:256]),
+            "grad_norms_end": results[name]["grad_norms_end"],
+            "curve": [e["test_acc"] for e in results[name]["evals"]],
+            "steps": [e["step"] for e in results[name]["evals"]],
+        }
     ens = ensemble_errors([results[f"ensemble/{i}"]["probs"] for i in range(cfg.ensemble)], vy)
     lr_s = _sweep(results, "lr", _floats(cfg.lrs, "lrs"))
     init_s = _sweep(results, "init", _floats(cfg.init_scales, "init_scales"))
     reg = regularization(results)
     verdicts = {}
-    for key, (v, txt) in {"learning_rate": verdict_lr(lr_s), "initialization": verdict_init(init_s),
-                          "regularization": verdict_reg(reg), "sigmoid": verdict_sigmoid(sig),
-                          "ensemble": verdict_ensemble(ens)}.items():
+    for key, (v, txt) in {
+        "learning_rate": verdict_lr(lr_s),
+        "initialization": verdict_init(init_s),
+        "regularization": verdict_reg(reg),
+        "sigmoid": verdict_sigmoid(sig),
+        "ensemble": verdict_ensemble(ens),
+    }.items():
         verdicts[key] = {"verdict": v, "numbers": txt}
     summary = {
-        "experiment": NAME, "dataset": ds.name, "data_source": ds.source,
-        "train_examples": len(tx), "test_examples": len(vx), "verdicts": verdicts,
-        "learning_rate": lr_s, "initialization": init_s, "regularization": reg, "sigmoid": sig,
-        "ensemble": ens, "runs": len(results),
+        "experiment": NAME,
+        "dataset": ds.name,
+        "data_source": ds.source,
+        "train_examples": len(tx),
+        "test_examples": len(vx),
+        "verdicts": verdicts,
+        "learning_rate": lr_s,
+        "initialization": init_s,
+        "regularization": reg,
+        "sigmoid": sig,
+        "ensemble": ens,
+        "runs": len(results),
         "wall_seconds": sum(r["wall_seconds"] for r in results.values()),
-        "session_seconds": clock.elapsed, "config": dataclasses.asdict(cfg),
+        "session_seconds": clock.elapsed,
+        "config": dataclasses.asdict(cfg),
     }
     plots(summary, out)
     atomic_write_json(out / "summary.json", T.jsonable(summary))
     return summary
 
 
-PLOTS = ("claims_lr.png", "claims_init.png", "claims_regularization.png", "claims_sigmoid.png",
-         "claims_ensemble.png")
+PLOTS = (
+    "claims_lr.png",
+    "claims_init.png",
+    "claims_regularization.png",
+    "claims_sigmoid.png",
+    "claims_ensemble.png",
+)
 
 
 def plots(summary: dict, out: Path) -> None:
     plt = pyplot()
 
-    for key, fname, xlabel in (("learning_rate", PLOTS[0], "learning rate"),
-                               ("initialization", PLOTS[1], "init scale (x He)")):
+    for key, fname, xlabel in (
+        ("learning_rate", PLOTS[0], "learning rate"),
+        ("initialization", PLOTS[1], "init scale (x He)"),
+    ):
         s = summary[key]
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm, c in (("plain", "C0"), ("bn", "C1")):
-            ax.plot(s["values"], s[arm]["acc"], "o-", color=c, label="BN" if arm == "bn" else "no BN")
+            ax.plot(
+                s["values"], s[arm]["acc"], "o-", color=c, label="BN" if arm == "bn" else "no BN"
+            )
             for v, a, dv in zip(s["values"], s[arm]["acc"], s[arm]["diverged"], strict=True):
                 if dv:
                     ax.plot(v, a, "x", color=c, ms=12, mew=2)
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("final test accuracy")
-        ax.set_title(f"{summary['config']['depth']}-layer ReLU net: {key.replace('_', ' ')} (x: diverged)")
+        ax.set_title(
+            f"{summary['config']['depth']}-layer ReLU net: {key.replace('_', ' ')} (x: diverged)"
+        )
         ax.grid(alpha=0.3)
         ax.legend()
         save_figure(fig, out / fname)
@@ -341,39 +481,84 @@ def plots(summary: dict, out: Path) -> None:
 
 
 PAPER = {
-    "learning_rate": ("BN allows much higher learning rates", "x5 and x30 lr train (BN-x5, BN-x30); x5 made Inception overflow"),
-    "initialization": ("BN makes training less sensitive to the init scale", "'be less careful about initialization'"),
-    "regularization": ("BN regularizes; dropout can be removed", "BN-x5 trains without dropout, no loss in accuracy"),
+    "learning_rate": (
+        "BN allows much higher learning rates",
+        "x5 and x30 lr train (BN-x5, BN-x30); x5 made Inception overflow",
+    ),
+    "initialization": (
+        "BN makes training less sensitive to the init scale",
+        "'be less careful about initialization'",
+    ),
+    "regularization": (
+        "BN regularizes; dropout can be removed",
+        "BN-x5 trains without dropout, no loss in accuracy",
+    ),
     "sigmoid": ("BN lets saturating nets train", "BN-x5-Sigmoid 69.8%; Inception-Sigmoid < 0.1%"),
-    "ensemble": ("an ensemble of BN nets beats its members", "6 nets: 4.9% top-5 vs 7.82% single (validation)"),
+    "ensemble": (
+        "an ensemble of BN nets beats its members",
+        "6 nets: 4.9% top-5 vs 7.82% single (validation)",
+    ),
 }
 
 
 def describe(summary: dict) -> str:
-    return "\n".join(f"{k:15s} {v['verdict']:15s} {v['numbers']}" for k, v in summary["verdicts"].items())
+    return "\n".join(
+        f"{k:15s} {v['verdict']:15s} {v['numbers']}" for k, v in summary["verdicts"].items()
+    )
 
 
 def report(summary: dict, run_dir: Path) -> ReportSections:
     v = summary["verdicts"]
     c = summary["config"]
     claims = [Claim(PAPER[k][0], PAPER[k][1], v[k]["numbers"], v[k]["verdict"]) for k in PAPER]
-    caps = ["final test accuracy per learning rate", "final test accuracy per init scale",
-            "train and test accuracy: the gap is the overfitting", "per-layer gradient norms; test accuracy",
-            "top-1 error of each member and of the ensemble"]
+    caps = [
+        "final test accuracy per learning rate",
+        "final test accuracy per init scale",
+        "train and test accuracy: the gap is the overfitting",
+        "per-layer gradient norms; test accuracy",
+        "top-1 error of each member and of the ensemble",
+    ]
     lr, init = summary["learning_rate"], summary["initialization"]
-    tables = [Table("Learning-rate sweep", ["lr", "no BN acc", "BN acc", "no BN diverged", "BN diverged"],
-                    [[f"{x:g}", f"{100 * a:.1f}%", f"{100 * b:.1f}%", str(da), str(db)] for x, a, b, da, db in
-                     zip(lr["values"], lr["plain"]["acc"], lr["bn"]["acc"], lr["plain"]["diverged"], lr["bn"]["diverged"], strict=True)]),
-              Table("Init-scale sweep", ["scale", "no BN acc", "BN acc"],
-                    [[f"{x:g}", f"{100 * a:.1f}%", f"{100 * b:.1f}%"] for x, a, b in
-                     zip(init["values"], init["plain"]["acc"], init["bn"]["acc"], strict=True)])]
+    tables = [
+        Table(
+            "Learning-rate sweep",
+            ["lr", "no BN acc", "BN acc", "no BN diverged", "BN diverged"],
+            [
+                [f"{x:g}", f"{100 * a:.1f}%", f"{100 * b:.1f}%", str(da), str(db)]
+                for x, a, b, da, db in zip(
+                    lr["values"],
+                    lr["plain"]["acc"],
+                    lr["bn"]["acc"],
+                    lr["plain"]["diverged"],
+                    lr["bn"]["diverged"],
+                    strict=True,
+                )
+            ],
+        ),
+        Table(
+            "Init-scale sweep",
+            ["scale", "no BN acc", "BN acc"],
+            [
+                [f"{x:g}", f"{100 * a:.1f}%", f"{100 * b:.1f}%"]
+                for x, a, b in zip(
+                    init["values"], init["plain"]["acc"], init["bn"]["acc"], strict=True
+                )
+            ],
+        ),
+    ]
     return ReportSections(
         title=f"The paper's claims for BN, measured ({summary['dataset']})",
-        intro=(f"Plain fully-connected nets ({c['depth']} hidden layers of {c['width']} units, momentum SGD, "
-               f"{c['steps']} steps at batch {c['batch_size']}) on {summary['train_examples']} training and "
-               f"{summary['test_examples']} test images, with and without BN before each nonlinearity. A "
-               f"setting 'trains' if its final test accuracy is within {100 * GOOD_MARGIN:.0f} points of the "
-               "best setting of that sweep."),
-        claims=claims, figures=[Figure(p, cap) for p, cap in zip(PLOTS, caps, strict=True)], tables=tables,
-        notes=[f"{summary['runs']} nets trained; one seed each, so differences of a point or two are noise."],
+        intro=(
+            f"Plain fully-connected nets ({c['depth']} hidden layers of {c['width']} units, momentum SGD, "
+            f"{c['steps']} steps at batch {c['batch_size']}) on {summary['train_examples']} training and "
+            f"{summary['test_examples']} test images, with and without BN before each nonlinearity. A "
+            f"setting 'trains' if its final test accuracy is within {100 * GOOD_MARGIN:.0f} points of the "
+            "best setting of that sweep."
+        ),
+        claims=claims,
+        figures=[Figure(p, cap) for p, cap in zip(PLOTS, caps, strict=True)],
+        tables=tables,
+        notes=[
+            f"{summary['runs']} nets trained; one seed each, so differences of a point or two are noise."
+        ],
     )

@@ -24,8 +24,20 @@ from ..data.augment import random_affine
 from .runner import option
 
 __all__ = [
-    "Augment", "Batches", "DataConfig", "Variant", "evaluate", "jsonable", "load_data", "sgd", "train_step",
-    "train_variants", "variant_seed", "BN_IMPLS", "bn_impl", "with_bn_impl",
+    "Augment",
+    "Batches",
+    "DataConfig",
+    "Variant",
+    "evaluate",
+    "jsonable",
+    "load_data",
+    "sgd",
+    "train_step",
+    "train_variants",
+    "variant_seed",
+    "BN_IMPLS",
+    "bn_impl",
+    "with_bn_impl",
 ]
 
 
@@ -38,8 +50,12 @@ def variant_seed(seed: int, tag: str, step: int = 0) -> int:
 class DataConfig:
     """The two data settings every conv-net experiment's Config starts with (its base class)."""
 
-    dataset: str = field(default="", metadata=option("mnist, fashion-mnist or digits; empty: best available"))
-    data_dir: str = field(default="", metadata=option("directory holding the dataset files (optional)"))
+    dataset: str = field(
+        default="", metadata=option("mnist, fashion-mnist or digits; empty: best available")
+    )
+    data_dir: str = field(
+        default="", metadata=option("directory holding the dataset files (optional)")
+    )
 
 
 @dataclass
@@ -71,8 +87,10 @@ class Batches:
 
     def __post_init__(self) -> None:
         if self.batch_size > self.n:
-            raise ValueError(f"batch_size {self.batch_size} exceeds the {self.n} training examples; "
-                             "use a smaller --batch-size or more data")
+            raise ValueError(
+                f"batch_size {self.batch_size} exceeds the {self.n} training examples; "
+                "use a smaller --batch-size or more data"
+            )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -83,14 +101,19 @@ class Batches:
         if epoch not in self._cache:
             g = torch.Generator().manual_seed(variant_seed(self.seed, self.tag + "/epoch", epoch))
             self._cache = {epoch: torch.randperm(self.n, generator=g)}
-        return self._cache[epoch][i * self.batch_size:(i + 1) * self.batch_size]
+        return self._cache[epoch][i * self.batch_size : (i + 1) * self.batch_size]
 
 
-def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.SGD:
+def sgd(
+    model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.SGD:
     """Momentum SGD (the paper's optimizer); L2 on conv/linear weights only, not on BN's γ, β or biases."""
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
@@ -127,14 +150,15 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000,
-             return_probs: bool = False) -> dict:
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000, return_probs: bool = False
+) -> dict:
     """Eval-mode loss, top-1 and top-5 accuracy (and softmax probabilities if asked) on (x, y)."""
     model.eval()
     losses, top1, top5, probs = 0.0, 0, 0, []
     for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size]).double()
-        t = y[i:i + batch_size]
+        logits = model(x[i : i + batch_size]).double()
+        t = y[i : i + batch_size]
         losses += F.cross_entropy(logits, t, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         top1 += (top[:, 0] == t).sum().item()
@@ -150,8 +174,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000,
     return out
 
 
-def load_data(dataset: str, data_dir: str = "", train_subset: int = 0, test_subset: int = 0,
-              seed: int = 0):
+def load_data(
+    dataset: str, data_dir: str = "", train_subset: int = 0, test_subset: int = 0, seed: int = 0
+):
     """``batchnorm.data.load_dataset`` (``""`` = best available), optionally cut to fixed random
     subsets; returns (Dataset, train_x, train_y, test_x, test_y)."""
     from ..data import best_available, load_dataset
@@ -219,7 +244,11 @@ def train_variants(
     def keep(r: dict) -> bool:
         if r.get("variant") in results:
             return True
-        return current is not None and r.get("variant") == current["name"] and r["step"] <= current["step"]
+        return (
+            current is not None
+            and r.get("variant") == current["name"]
+            and r["step"] <= current["step"]
+        )
 
     log = MetricsLog(out / "metrics.jsonl", keep=keep if ckpt else None)
     for v in variants:
@@ -245,8 +274,15 @@ def train_variants(
         step = state["step"]
         while step < budget and not state["diverged"]:
             idx = batches.indices(step)
-            loss, acc, secs = train_step(model, opt, tx[idx], ty[idx], lr=v.lr(step),
-                                         seed=variant_seed(seed, tag, step), augment=v.augment)
+            loss, acc, secs = train_step(
+                model,
+                opt,
+                tx[idx],
+                ty[idx],
+                lr=v.lr(step),
+                seed=variant_seed(seed, tag, step),
+                augment=v.augment,
+            )
             state["step_s"].append(secs)
             step += 1
             bar.update(1)
@@ -255,24 +291,47 @@ def train_variants(
             loss_sum, acc_sum, n_window = loss_sum + loss, acc_sum + acc, n_window + 1
             if step % eval_every == 0 or step == budget or state["diverged"]:
                 ev = evaluate(model, vx, vy)
-                rec = {"variant": v.name, "step": step, "epoch": step / batches.steps_per_epoch,
-                       "lr": v.lr(step - 1), "train_loss": loss_sum / n_window,
-                       "train_acc": acc_sum / n_window, "test_loss": ev["loss"], "test_acc": ev["acc"],
-                       "test_top5": ev["top5"], "seconds": clock.elapsed}
+                rec = {
+                    "variant": v.name,
+                    "step": step,
+                    "epoch": step / batches.steps_per_epoch,
+                    "lr": v.lr(step - 1),
+                    "train_loss": loss_sum / n_window,
+                    "train_acc": acc_sum / n_window,
+                    "test_loss": ev["loss"],
+                    "test_acc": ev["acc"],
+                    "test_top5": ev["top5"],
+                    "seconds": clock.elapsed,
+                }
                 log.append(rec)
                 state["evals"].append(rec)
                 loss_sum = acc_sum = 0.0
                 n_window = 0
                 state["step"], state["elapsed"] = step, clock.elapsed
-                save_checkpoint(out / "checkpoint.pt", step=step, results=results,
-                                current={"name": v.name, "model": model.state_dict(),
-                                         "opt": opt.state_dict(), **state})
+                save_checkpoint(
+                    out / "checkpoint.pt",
+                    step=step,
+                    results=results,
+                    current={
+                        "name": v.name,
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        **state,
+                    },
+                )
         bar.close()
         evals = state["evals"]
         best = max(evals, key=lambda r: r["test_acc"]) if evals else {"test_acc": 0.0, "step": 0}
-        res = {"evals": evals, "wall_seconds": clock.elapsed, "steps": step,
-               "ms_per_step": 1000 * _median(state["step_s"]), "diverged": state["diverged"],
-               "final": evals[-1] if evals else None, "best_acc": best["test_acc"], "best_step": best["step"]}
+        res = {
+            "evals": evals,
+            "wall_seconds": clock.elapsed,
+            "steps": step,
+            "ms_per_step": 1000 * _median(state["step_s"]),
+            "diverged": state["diverged"],
+            "final": evals[-1] if evals else None,
+            "best_acc": best["test_acc"],
+            "best_step": best["step"],
+        }
         if v.finish is not None:
             res.update(v.finish(model, vx, vy))
         results[v.name] = res

@@ -52,11 +52,20 @@ _opt = option
 class Config:
     """Settings of one Figure 1 run (defaults: the paper's setup)."""
 
-    dataset: str = field(default="auto", metadata=_opt(
-        "mnist, fashion-mnist, digits, or auto (the best available)",
-        choices=("auto", "mnist", "fashion-mnist", "digits")))
-    data_dir: str | None = field(default=None, metadata=_opt(
-        "directory with the IDX files (else $BATCHNORM_DATA, the user cache, a download)", metavar="DIR"))
+    dataset: str = field(
+        default="auto",
+        metadata=_opt(
+            "mnist, fashion-mnist, digits, or auto (the best available)",
+            choices=("auto", "mnist", "fashion-mnist", "digits"),
+        ),
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata=_opt(
+            "directory with the IDX files (else $BATCHNORM_DATA, the user cache, a download)",
+            metavar="DIR",
+        ),
+    )
     steps: int = field(default=50_000, metadata=_opt("training steps (mini-batches)"))
     batch_size: int = field(default=60, metadata=_opt("examples per mini-batch"))
     lr: float = field(default=0.5, metadata=_opt("SGD learning rate (both networks)"))
@@ -64,8 +73,12 @@ class Config:
     seed: int = field(default=0, metadata=_opt("seed for weights and batch order"))
     eval_every: int = field(default=500, metadata=_opt("steps between test-set evaluations"))
     checkpoint_every: int = field(default=5_000, metadata=_opt("steps between checkpoints"))
-    unit: int = field(default=0, metadata=_opt("which sigmoid of the last hidden layer to track (0-99)"))
-    workers: int = field(default=2, metadata=_opt("processes: 2 trains both networks at once, 1 in turn"))
+    unit: int = field(
+        default=0, metadata=_opt("which sigmoid of the last hidden layer to track (0-99)")
+    )
+    workers: int = field(
+        default=2, metadata=_opt("processes: 2 trains both networks at once, 1 in turn")
+    )
     threads: int = field(default=1, metadata=_opt("torch threads per network"))
 
     def __post_init__(self) -> None:
@@ -75,10 +88,16 @@ class Config:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (BN needs 2 values per unit), got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be at least 2 (BN needs 2 values per unit), got {self.batch_size}"
+            )
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.init_std, (int, float)) and math.isfinite(self.init_std) and self.init_std > 0):
+        if not (
+            isinstance(self.init_std, (int, float))
+            and math.isfinite(self.init_std)
+            and self.init_std > 0
+        ):
             raise ValueError(f"init_std must be a positive number, got {self.init_std!r}")
         if self.checkpoint_every % self.eval_every:
             raise ValueError(
@@ -86,11 +105,15 @@ class Config:
                 f"({self.eval_every}), so that a resumed run evaluates at the same steps"
             )
         if not 0 <= self.unit < 100:
-            raise ValueError(f"unit must be in 0..99 (the last hidden layer has 100), got {self.unit}")
+            raise ValueError(
+                f"unit must be in 0..99 (the last hidden layer has 100), got {self.unit}"
+            )
         if self.workers not in (1, 2):
             raise ValueError(f"workers must be 1 or 2, got {self.workers}")
         if self.dataset not in ("auto", "mnist", "fashion-mnist", "digits"):
-            raise ValueError(f"dataset must be auto, mnist, fashion-mnist or digits, got {self.dataset!r}")
+            raise ValueError(
+                f"dataset must be auto, mnist, fashion-mnist or digits, got {self.dataset!r}"
+            )
 
     @classmethod
     def quick(cls) -> Config:
@@ -125,7 +148,9 @@ def build_mlp(use_bn: bool, init_std: float, generator: torch.Generator) -> nn.S
 
 
 @torch.no_grad()
-def evaluate(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, unit: int) -> tuple[float, list[float]]:
+def evaluate(
+    net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, unit: int
+) -> tuple[float, list[float]]:
     """Test accuracy and the (p15, p50, p85) of the input to sigmoid ``unit`` of the last hidden layer."""
     was_training = net.training
     net.eval()
@@ -147,8 +172,17 @@ def _after_step(arm: str, step: int) -> None:
 
 
 # ---------------------------------------------------------------- one network's training
-def train_arm(arm: str, cfg: Config, dataset: str, out: Path, *, resume: bool, quiet: bool,
-              position: int = 0, data: Dataset | None = None) -> dict:
+def train_arm(
+    arm: str,
+    cfg: Config,
+    dataset: str,
+    out: Path,
+    *,
+    resume: bool,
+    quiet: bool,
+    position: int = 0,
+    data: Dataset | None = None,
+) -> dict:
     """Train one network (``"baseline"`` or ``"bn"``); returns its curve, percentiles and wall time."""
     torch.set_num_threads(cfg.threads)
     if data is None:
@@ -158,7 +192,9 @@ def train_arm(arm: str, cfg: Config, dataset: str, out: Path, *, resume: bool, q
     y_train, y_test = data.train_y, data.test_y
     n = len(x_train)
     if n < cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training examples of {dataset}")
+        raise ValueError(
+            f"batch_size {cfg.batch_size} exceeds the {n} training examples of {dataset}"
+        )
 
     g_init = torch.Generator().manual_seed(cfg.seed)
     g_data = torch.Generator().manual_seed(cfg.seed + 1)
@@ -171,7 +207,13 @@ def train_arm(arm: str, cfg: Config, dataset: str, out: Path, *, resume: bool, q
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        perm, pos, start, before, hist = ckpt["perm"], ckpt["pos"], ckpt["step"], ckpt["wall"], ckpt["hist"]
+        perm, pos, start, before, hist = (
+            ckpt["perm"],
+            ckpt["pos"],
+            ckpt["step"],
+            ckpt["wall"],
+            ckpt["hist"],
+        )
         cpu_before = ckpt.get("cpu", 0.0)
     clock = Stopwatch(before)
     cpu0 = time.process_time()  # CPU time: a measure that other load on the machine inflates less
@@ -179,23 +221,43 @@ def train_arm(arm: str, cfg: Config, dataset: str, out: Path, *, resume: bool, q
 
     def record(step: int, loss: float | None) -> None:
         acc, (p15, p50, p85) = evaluate(net, x_test, y_test, cfg.unit)
-        for k, v in zip(("steps", "acc", "p15", "p50", "p85"), (step, acc, p15, p50, p85), strict=True):
+        for k, v in zip(
+            ("steps", "acc", "p15", "p50", "p85"), (step, acc, p15, p50, p85), strict=True
+        ):
             hist[k].append(v)
-        log.write(json.dumps({"arm": arm, "step": step, "test_accuracy": acc, "train_loss": loss,
-                              "p15": p15, "p50": p50, "p85": p85,
-                              "wall_seconds": round(clock.elapsed, 3)}) + "\n")
+        log.write(
+            json.dumps(
+                {
+                    "arm": arm,
+                    "step": step,
+                    "test_accuracy": acc,
+                    "train_loss": loss,
+                    "p15": p15,
+                    "p50": p50,
+                    "p85": p85,
+                    "wall_seconds": round(clock.elapsed, 3),
+                }
+            )
+            + "\n"
+        )
         log.flush()
 
     try:
         if start == 0:
             record(0, None)
         loss_sum = torch.zeros(())
-        bar = progress(range(start, cfg.steps), f"fig1 {arm:8s}", total=cfg.steps, initial=start,
-                       quiet=quiet, position=position)
+        bar = progress(
+            range(start, cfg.steps),
+            f"fig1 {arm:8s}",
+            total=cfg.steps,
+            initial=start,
+            quiet=quiet,
+            position=position,
+        )
         for step in bar:
             if pos + cfg.batch_size > n:  # new epoch: reshuffle
                 perm, pos = torch.randperm(n, generator=g_data), 0
-            idx = perm[pos:pos + cfg.batch_size]
+            idx = perm[pos : pos + cfg.batch_size]
             pos += cfg.batch_size
             loss = F.cross_entropy(net(x_train.index_select(0, idx)), y_train.index_select(0, idx))
             opt.zero_grad(set_to_none=True)
@@ -210,15 +272,29 @@ def train_arm(arm: str, cfg: Config, dataset: str, out: Path, *, resume: bool, q
                 if not quiet:
                     bar.set_postfix(test_acc=f"{hist['acc'][-1]:.4f}", refresh=False)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(ckpt_path, step=done, generators=[g_data], model=net.state_dict(),
-                                optimizer=opt.state_dict(), perm=perm, pos=pos, wall=clock.elapsed,
-                                cpu=cpu_before + time.process_time() - cpu0, hist=hist)
+                save_checkpoint(
+                    ckpt_path,
+                    step=done,
+                    generators=[g_data],
+                    model=net.state_dict(),
+                    optimizer=opt.state_dict(),
+                    perm=perm,
+                    pos=pos,
+                    wall=clock.elapsed,
+                    cpu=cpu_before + time.process_time() - cpu0,
+                    hist=hist,
+                )
             _after_step(arm, done)
         bar.close()
     finally:
         log.close()
-    return {"arm": arm, "hist": hist, "wall_seconds": clock.elapsed, "source": data.source,
-            "cpu_seconds": cpu_before + time.process_time() - cpu0}
+    return {
+        "arm": arm,
+        "hist": hist,
+        "wall_seconds": clock.elapsed,
+        "source": data.source,
+        "cpu_seconds": cpu_before + time.process_time() - cpu0,
+    }
 
 
 def _worker(args: tuple) -> dict:
@@ -228,8 +304,14 @@ def _worker(args: tuple) -> dict:
 
 
 # ---------------------------------------------------------------- the experiment
-def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-        quiet: bool = False) -> dict:
+def run(
+    cfg: Config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
     """Train both networks, write the run directory (summary.json, fig1.png), return the summary."""
     if not isinstance(cfg, Config):
         raise TypeError(f"run() expects a fig1.Config, got {type(cfg).__name__}")
@@ -248,8 +330,10 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool =
     if cfg.workers == 1:
         threads = torch.get_num_threads()
         try:
-            results = [train_arm(arm, cfg, dataset, out, resume=resume, quiet=quiet, data=data)
-                       for arm in ARMS]
+            results = [
+                train_arm(arm, cfg, dataset, out, resume=resume, quiet=quiet, data=data)
+                for arm in ARMS
+            ]
         finally:
             torch.set_num_threads(threads)
     else:
@@ -271,14 +355,22 @@ def make_summary(dataset: str, cfg: Config, results: dict, wall: float) -> dict:
     runs, pct = {}, {}
     for arm in ARMS:
         h = results[arm]["hist"]
-        runs[arm] = {"curve": [[s, a] for s, a in zip(h["steps"], h["acc"], strict=True)],
-                     "final_test_accuracy": h["acc"][-1],
-                     "wall_seconds": round(results[arm]["wall_seconds"], 3),
-                     "cpu_seconds": round(results[arm]["cpu_seconds"], 3)}
+        runs[arm] = {
+            "curve": [[s, a] for s, a in zip(h["steps"], h["acc"], strict=True)],
+            "final_test_accuracy": h["acc"][-1],
+            "wall_seconds": round(results[arm]["wall_seconds"], 3),
+            "cpu_seconds": round(results[arm]["cpu_seconds"], 3),
+        }
         pct[arm] = {"steps": list(h["steps"]), "p15": h["p15"], "p50": h["p50"], "p85": h["p85"]}
-    return {"experiment": NAME, "dataset": dataset, "steps": cfg.steps, "runs": runs,
-            "percentiles": pct, "wall_seconds": round(wall, 3),
-            "data_source": results[ARMS[0]]["source"]}
+    return {
+        "experiment": NAME,
+        "dataset": dataset,
+        "steps": cfg.steps,
+        "runs": runs,
+        "percentiles": pct,
+        "wall_seconds": round(wall, 3),
+        "data_source": results[ARMS[0]]["source"],
+    }
 
 
 # ---------------------------------------------------------------- plots and report
@@ -303,8 +395,11 @@ def plot(summary: dict, path: Path) -> Path:
         p = summary["percentiles"][arm]
         for k, ls in (("p15", "--"), ("p50", "-"), ("p85", "--")):
             ax.plot(p["steps"], p[k], ls, color=colors[arm], label=k)
-        ax.set(title=f"{tag} {labels[arm]}: input to one sigmoid", xlabel="step",
-               ylim=(min(ys) - 0.5, max(ys) + 0.5))
+        ax.set(
+            title=f"{tag} {labels[arm]}: input to one sigmoid",
+            xlabel="step",
+            ylim=(min(ys) - 0.5, max(ys) + 0.5),
+        )
         ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -344,8 +439,10 @@ def describe(summary: dict) -> str:
     r = summary["runs"]
     lines = [f"fig1 on {summary['dataset']}, {summary['steps']} steps:"]
     for arm in ARMS:
-        lines.append(f"  {arm:8s} final test accuracy {r[arm]['final_test_accuracy']:.4f} "
-                     f"({r[arm]['wall_seconds']:.0f} s wall, {r[arm].get('cpu_seconds', 0):.0f} s CPU)")
+        lines.append(
+            f"  {arm:8s} final test accuracy {r[arm]['final_test_accuracy']:.4f} "
+            f"({r[arm]['wall_seconds']:.0f} s wall, {r[arm].get('cpu_seconds', 0):.0f} s CPU)"
+        )
     return "\n".join(lines)
 
 
@@ -360,41 +457,68 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
     reach = steps_to_reach(summary, "bn", base)
     d_base, d_bn = median_shift(summary, "baseline"), median_shift(summary, "bn")
     sp = {arm: (spread(summary, arm, 0.1), spread(summary, arm, 1.0)) for arm in ARMS}
-    data_note = "" if summary["dataset"] == "mnist" else f" (measured on {summary['dataset']}, not MNIST)"
+    data_note = (
+        "" if summary["dataset"] == "mnist" else f" (measured on {summary['dataset']}, not MNIST)"
+    )
     claims = [
-        Claim("BN network reaches higher test accuracy",
-              "higher (Fig. 1a); a public reproduction: 98.0% vs 97.69%",
-              f"{_pct(bn)} with BN vs {_pct(base)} without{data_note}",
-              "consistent" if bn > base else "not reproduced"),
-        Claim("BN network gets there sooner",
-              "BN curve above the baseline throughout training (Fig. 1a)",
-              f"BN reaches the baseline's final accuracy at step {reach}" if reach is not None
-              else "BN never reaches the baseline's final accuracy",
-              "consistent" if reach is not None and reach < summary["steps"] else "not reproduced"),
-        Claim("Input distribution of a sigmoid is stable with BN, drifts without",
-              "percentiles drift in the plain network, stay put with BN (Figs. 1b, 1c)",
-              f"median moved {d_bn:.2f} with BN vs {d_base:.2f} without over training; 15–85 "
-              f"spread from 10% to the end of training: {sp['bn'][0]:.2f} → {sp['bn'][1]:.2f} with "
-              f"BN, {sp['baseline'][0]:.2f} → {sp['baseline'][1]:.2f} without",
-              ("consistent for the median" if d_bn < d_base else "not reproduced")
-              + ("; the spread grows more with BN" if sp["bn"][1] - sp["bn"][0]
-                 > sp["baseline"][1] - sp["baseline"][0] else "")),
+        Claim(
+            "BN network reaches higher test accuracy",
+            "higher (Fig. 1a); a public reproduction: 98.0% vs 97.69%",
+            f"{_pct(bn)} with BN vs {_pct(base)} without{data_note}",
+            "consistent" if bn > base else "not reproduced",
+        ),
+        Claim(
+            "BN network gets there sooner",
+            "BN curve above the baseline throughout training (Fig. 1a)",
+            f"BN reaches the baseline's final accuracy at step {reach}"
+            if reach is not None
+            else "BN never reaches the baseline's final accuracy",
+            "consistent" if reach is not None and reach < summary["steps"] else "not reproduced",
+        ),
+        Claim(
+            "Input distribution of a sigmoid is stable with BN, drifts without",
+            "percentiles drift in the plain network, stay put with BN (Figs. 1b, 1c)",
+            f"median moved {d_bn:.2f} with BN vs {d_base:.2f} without over training; 15–85 "
+            f"spread from 10% to the end of training: {sp['bn'][0]:.2f} → {sp['bn'][1]:.2f} with "
+            f"BN, {sp['baseline'][0]:.2f} → {sp['baseline'][1]:.2f} without",
+            ("consistent for the median" if d_bn < d_base else "not reproduced")
+            + (
+                "; the spread grows more with BN"
+                if sp["bn"][1] - sp["bn"][0] > sp["baseline"][1] - sp["baseline"][0]
+                else ""
+            ),
+        ),
     ]
-    milestones = [m for m in (5_000, 10_000, 20_000, 50_000) if m <= summary["steps"]] or [summary["steps"]]
-    rows = [[f"{m:,}", _pct(acc_at(summary, "baseline", m)), _pct(acc_at(summary, "bn", m))] for m in milestones]
-    rows.append(["wall time (s)", f"{r['baseline']['wall_seconds']:.0f}", f"{r['bn']['wall_seconds']:.0f}"])
+    milestones = [m for m in (5_000, 10_000, 20_000, 50_000) if m <= summary["steps"]] or [
+        summary["steps"]
+    ]
+    rows = [
+        [f"{m:,}", _pct(acc_at(summary, "baseline", m)), _pct(acc_at(summary, "bn", m))]
+        for m in milestones
+    ]
+    rows.append(
+        ["wall time (s)", f"{r['baseline']['wall_seconds']:.0f}", f"{r['bn']['wall_seconds']:.0f}"]
+    )
     if "cpu_seconds" in r["bn"]:
-        rows.append(["CPU time (s)", f"{r['baseline']['cpu_seconds']:.0f}", f"{r['bn']['cpu_seconds']:.0f}"])
+        rows.append(
+            ["CPU time (s)", f"{r['baseline']['cpu_seconds']:.0f}", f"{r['bn']['cpu_seconds']:.0f}"]
+        )
     return ReportSections(
         title=f"Figure 1: sigmoid MLP with and without batch normalization ({summary['dataset']})",
-        intro=("784-100-100-100-10 network with sigmoid hidden units, Gaussian initial weights, "
-               "cross-entropy, mini-batches of 60, plain SGD with the same learning rate for both "
-               "networks; BN is inserted before each hidden sigmoid. Both networks start from the "
-               "same weights and see the same mini-batches."),
+        intro=(
+            "784-100-100-100-10 network with sigmoid hidden units, Gaussian initial weights, "
+            "cross-entropy, mini-batches of 60, plain SGD with the same learning rate for both "
+            "networks; BN is inserted before each hidden sigmoid. Both networks start from the "
+            "same weights and see the same mini-batches."
+        ),
         claims=claims,
-        figures=[Figure("fig1.png", "(a) test accuracy vs training step; (b, c) 15th, 50th and 85th "
-                        "percentiles of the input to one sigmoid of the last hidden layer, over the test set")],
+        figures=[
+            Figure(
+                "fig1.png",
+                "(a) test accuracy vs training step; (b, c) 15th, 50th and 85th "
+                "percentiles of the input to one sigmoid of the last hidden layer, over the test set",
+            )
+        ],
         tables=[Table("Test accuracy at milestones", ["step", "without BN", "with BN"], rows)],
         notes=[f"Data: {summary['dataset']} from {summary.get('data_source', '?')}."],
     )
-

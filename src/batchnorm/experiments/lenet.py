@@ -34,18 +34,31 @@ class Config(T.DataConfig):
 
     epochs: int = field(default=20, metadata=_h("training epochs per net"))
     batch_size: int = field(default=128, metadata=_h("mini-batch size"))
-    lr: float = field(default=0.01, metadata=_h("momentum-SGD learning rate of the no-BN and BN nets"))
+    lr: float = field(
+        default=0.01, metadata=_h("momentum-SGD learning rate of the no-BN and BN nets")
+    )
     momentum: float = field(default=0.9, metadata=_h("SGD momentum"))
-    dropout: float = field(default=0.25, metadata=_h("dropout after the FC 120 and FC 84 blocks (no-BN, BN)"))
-    recipe_lr_mult: float = field(default=5.0, metadata=_h("learning-rate factor of BN-recipe (no dropout)"))
+    dropout: float = field(
+        default=0.25, metadata=_h("dropout after the FC 120 and FC 84 blocks (no-BN, BN)")
+    )
+    recipe_lr_mult: float = field(
+        default=5.0, metadata=_h("learning-rate factor of BN-recipe (no dropout)")
+    )
     rotation: float = field(default=10.0, metadata=_h("augmentation: max rotation, degrees"))
     shear: float = field(default=0.1, metadata=_h("augmentation: max shear factor"))
     zoom: float = field(default=0.1, metadata=_h("augmentation: max relative zoom"))
     train_subset: int = field(default=0, metadata=_h("train on this many examples (0: all)"))
-    bn_impl: str = field(default="batchnorm", metadata=_h(
-        "BN code: this package's layers (compiled kernels), the same on the reference equations, "
-        "or torch.nn", choices=list(T.BN_IMPLS)))
-    seed: int = field(default=0, metadata=_h("random seed (init, data order, augmentation, dropout)"))
+    bn_impl: str = field(
+        default="batchnorm",
+        metadata=_h(
+            "BN code: this package's layers (compiled kernels), the same on the reference equations, "
+            "or torch.nn",
+            choices=list(T.BN_IMPLS),
+        ),
+    )
+    seed: int = field(
+        default=0, metadata=_h("random seed (init, data order, augmentation, dropout)")
+    )
 
     def __post_init__(self) -> None:
         if self.bn_impl not in T.BN_IMPLS:
@@ -54,7 +67,9 @@ class Config(T.DataConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.recipe_lr_mult <= 0:
-            raise ValueError(f"lr and recipe_lr_mult must be > 0, got {self.lr}, {self.recipe_lr_mult}")
+            raise ValueError(
+                f"lr and recipe_lr_mult must be > 0, got {self.lr}, {self.recipe_lr_mult}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -67,6 +82,7 @@ class Config(T.DataConfig):
 def variants(cfg: Config) -> list[T.Variant]:
     aug = T.Augment(cfg.rotation, cfg.shear, cfg.zoom)
     lr, fast = cfg.lr, cfg.lr * cfg.recipe_lr_mult
+
     def net(bn: bool, dropout: float):
         return T.with_bn_impl(lambda: LeNet(bn=bn, dropout=dropout), cfg.bn_impl)
 
@@ -77,8 +93,9 @@ def variants(cfg: Config) -> list[T.Variant]:
     ]
 
 
-def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False,
-        quiet: bool = False) -> dict:
+def run(
+    cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False, quiet: bool = False
+) -> dict:
     """Train the three nets for ``cfg.epochs`` each; write metrics, checkpoint, plot, summary."""
     clock = Stopwatch()
     out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
@@ -87,26 +104,46 @@ def run(cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False
     if spe < 1:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(tx)} training examples")
     with T.bn_impl(cfg.bn_impl):
-        results = T.train_variants(out, variants(cfg), (tx, ty, vx, vy), steps=cfg.epochs * spe,
-                                   eval_every=spe, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   resume=resume, quiet=quiet, save_checkpoint=save_checkpoint)
+        results = T.train_variants(
+            out,
+            variants(cfg),
+            (tx, ty, vx, vy),
+            steps=cfg.epochs * spe,
+            eval_every=spe,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            resume=resume,
+            quiet=quiet,
+            save_checkpoint=save_checkpoint,
+        )
     nets = {}
     for name, r in results.items():
         nets[name] = {
-            "test_acc": r["final"]["test_acc"], "test_loss": r["final"]["test_loss"],
-            "best_test_acc": r["best_acc"], "wall_seconds": r["wall_seconds"],
-            "ms_per_step": r["ms_per_step"], "steps": r["steps"], "diverged": r["diverged"],
+            "test_acc": r["final"]["test_acc"],
+            "test_loss": r["final"]["test_loss"],
+            "best_test_acc": r["best_acc"],
+            "wall_seconds": r["wall_seconds"],
+            "ms_per_step": r["ms_per_step"],
+            "steps": r["steps"],
+            "diverged": r["diverged"],
             "epochs": [e["epoch"] for e in r["evals"]],
             "train_acc": [e["train_acc"] for e in r["evals"]],
             "test_acc_curve": [e["test_acc"] for e in r["evals"]],
         }
     summary = {
-        "experiment": NAME, "dataset": ds.name, "data_source": ds.source,
-        "train_examples": len(tx), "test_examples": len(vx), "steps_per_epoch": spe,
-        "bn_layers": count_bn_layers(LeNet(bn=True)), "nets": nets,
+        "experiment": NAME,
+        "dataset": ds.name,
+        "data_source": ds.source,
+        "train_examples": len(tx),
+        "test_examples": len(vx),
+        "steps_per_epoch": spe,
+        "bn_layers": count_bn_layers(LeNet(bn=True)),
+        "nets": nets,
         "bn_step_overhead": nets["BN"]["ms_per_step"] / nets["no-BN"]["ms_per_step"],
-        "published": PUBLISHED, "wall_seconds": sum(r["wall_seconds"] for r in results.values()),
-        "session_seconds": clock.elapsed, "config": dataclasses.asdict(cfg),
+        "published": PUBLISHED,
+        "wall_seconds": sum(r["wall_seconds"] for r in results.values()),
+        "session_seconds": clock.elapsed,
+        "config": dataclasses.asdict(cfg),
     }
     plot(summary, out / "lenet_curves.png")
     atomic_write_json(out / "summary.json", T.jsonable(summary))
@@ -140,42 +177,74 @@ def _mmss(s: float) -> str:
 def describe(summary: dict) -> str:
     lines = [f"LeNet on {summary['dataset']} ({summary['train_examples']} train examples):"]
     for name, r in summary["nets"].items():
-        lines.append(f"  {name:9s} test acc {_pct(r['test_acc'])}  loss {r['test_loss']:.4f}  "
-                     f"{r['ms_per_step']:.1f} ms/step  wall {_mmss(r['wall_seconds'])}")
+        lines.append(
+            f"  {name:9s} test acc {_pct(r['test_acc'])}  loss {r['test_loss']:.4f}  "
+            f"{r['ms_per_step']:.1f} ms/step  wall {_mmss(r['wall_seconds'])}"
+        )
     lines.append(f"  BN time per step / no-BN: {summary['bn_step_overhead']:.2f}x")
     return "\n".join(lines)
 
 
 def report(summary: dict, run_dir: Path) -> ReportSections:
     n, p = summary["nets"], summary["published"]
-    rows = [[k, _pct(r["test_acc"]), f"{r['test_loss']:.4f}", _pct(r["best_test_acc"]),
-             f"{r['ms_per_step']:.1f}", _mmss(r["wall_seconds"])] for k, r in n.items()]
+    rows = [
+        [
+            k,
+            _pct(r["test_acc"]),
+            f"{r['test_loss']:.4f}",
+            _pct(r["best_test_acc"]),
+            f"{r['ms_per_step']:.1f}",
+            _mmss(r["wall_seconds"]),
+        ]
+        for k, r in n.items()
+    ]
     mnist = summary["dataset"] == "mnist"
     where = "" if mnist else f" (ours on {summary['dataset']}, not MNIST: compare directions only)"
     bn_better = n["BN"]["test_acc"] > n["no-BN"]["test_acc"]
     claims = [
-        Claim("BN does not beat no-BN on test accuracy at 20 epochs (seed 003)",
-              f"BN {_pct(p['BN']['test_acc'])} vs no-BN {_pct(p['no-BN']['test_acc'])}",
-              f"BN {_pct(n['BN']['test_acc'])} vs no-BN {_pct(n['no-BN']['test_acc'])}{where}",
-              "differs: BN ahead here" if bn_better else "same direction"),
-        Claim("BN makes each step slower (seed 003: 21 vs 16 min)",
-              f"{p['BN']['wall_seconds'] / p['no-BN']['wall_seconds']:.2f}x wall time",
-              f"{summary['bn_step_overhead']:.2f}x time per step",
-              "same direction" if summary["bn_step_overhead"] > 1 else "differs"),
-        Claim("the paper's recipe (higher lr, no dropout) helps a BN net",
-              "Section 4.2: BN-x5 beats BN-Baseline",
-              f"BN-recipe {_pct(n['BN-recipe']['test_acc'])} vs BN {_pct(n['BN']['test_acc'])}",
-              "consistent" if n["BN-recipe"]["test_acc"] >= n["BN"]["test_acc"] else "not here"),
+        Claim(
+            "BN does not beat no-BN on test accuracy at 20 epochs (seed 003)",
+            f"BN {_pct(p['BN']['test_acc'])} vs no-BN {_pct(p['no-BN']['test_acc'])}",
+            f"BN {_pct(n['BN']['test_acc'])} vs no-BN {_pct(n['no-BN']['test_acc'])}{where}",
+            "differs: BN ahead here" if bn_better else "same direction",
+        ),
+        Claim(
+            "BN makes each step slower (seed 003: 21 vs 16 min)",
+            f"{p['BN']['wall_seconds'] / p['no-BN']['wall_seconds']:.2f}x wall time",
+            f"{summary['bn_step_overhead']:.2f}x time per step",
+            "same direction" if summary["bn_step_overhead"] > 1 else "differs",
+        ),
+        Claim(
+            "the paper's recipe (higher lr, no dropout) helps a BN net",
+            "Section 4.2: BN-x5 beats BN-Baseline",
+            f"BN-recipe {_pct(n['BN-recipe']['test_acc'])} vs BN {_pct(n['BN']['test_acc'])}",
+            "consistent" if n["BN-recipe"]["test_acc"] >= n["BN"]["test_acc"] else "not here",
+        ),
     ]
     return ReportSections(
         title=f"LeNet with and without Batch Normalization ({summary['dataset']})",
-        intro=("Three LeNets (conv 6, conv 16, FC 120, FC 84, FC 10) trained with random rotation, "
-               "shear and zoom: without BN, with BN before each ReLU (biases dropped), and the BN net "
-               f"with the paper's recipe (learning rate x{summary['config']['recipe_lr_mult']:g}, no "
-               "dropout). Time per step includes the augmentation of the batch."),
+        intro=(
+            "Three LeNets (conv 6, conv 16, FC 120, FC 84, FC 10) trained with random rotation, "
+            "shear and zoom: without BN, with BN before each ReLU (biases dropped), and the BN net "
+            f"with the paper's recipe (learning rate x{summary['config']['recipe_lr_mult']:g}, no "
+            "dropout). Time per step includes the augmentation of the batch."
+        ),
         claims=claims,
-        figures=[Figure("lenet_curves.png", "train (augmented, running mean over each epoch) and test accuracy per epoch")],
-        tables=[Table("Results", ["net", "final test acc", "test loss", "best test acc", "ms/step", "wall"], rows)],
-        notes=[f"data: {summary['data_source']}; {summary['steps_per_epoch']} steps per epoch",
-               "the published run used Keras on MNIST with an unstated optimizer; ours uses momentum SGD"],
+        figures=[
+            Figure(
+                "lenet_curves.png",
+                "train (augmented, running mean over each epoch) and test accuracy per epoch",
+            )
+        ],
+        tables=[
+            Table(
+                "Results",
+                ["net", "final test acc", "test loss", "best test acc", "ms/step", "wall"],
+                rows,
+            )
+        ],
+        notes=[
+            f"data: {summary['data_source']}; {summary['steps_per_epoch']} steps per epoch",
+            "the published run used Keras on MNIST with an unstated optimizer; ours uses momentum SGD",
+        ],
     )

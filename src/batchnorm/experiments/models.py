@@ -71,8 +71,10 @@ class LeNet(nn.Module):
         self.features = nn.Sequential(*conv)
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (N, 400)
-            fc_unit(16 * 5 * 5, 120, bn), nn.Dropout(dropout),
-            fc_unit(120, 84, bn), nn.Dropout(dropout),
+            fc_unit(16 * 5 * 5, 120, bn),
+            nn.Dropout(dropout),
+            fc_unit(120, 84, bn),
+            nn.Dropout(dropout),
             nn.Linear(84, num_classes),
         )
 
@@ -87,17 +89,30 @@ class InceptionBlock(nn.Module):
     """
 
     def __init__(
-        self, c_in: int, c1: int, r3: int, c3: int, rd: int, cd: int, cp: int, bn: bool, activation: str
+        self,
+        c_in: int,
+        c1: int,
+        r3: int,
+        c3: int,
+        rd: int,
+        cd: int,
+        cp: int,
+        bn: bool,
+        activation: str,
     ) -> None:
         super().__init__()
         self.b1 = conv_unit(c_in, c1, 1, bn, activation)
-        self.b3 = nn.Sequential(conv_unit(c_in, r3, 1, bn, activation), conv_unit(r3, c3, 3, bn, activation))
+        self.b3 = nn.Sequential(
+            conv_unit(c_in, r3, 1, bn, activation), conv_unit(r3, c3, 3, bn, activation)
+        )
         self.bd = nn.Sequential(
             conv_unit(c_in, rd, 1, bn, activation),
             conv_unit(rd, cd, 3, bn, activation),
             conv_unit(cd, cd, 3, bn, activation),
         )
-        self.bp = nn.Sequential(nn.AvgPool2d(3, stride=1, padding=1), conv_unit(c_in, cp, 1, bn, activation))
+        self.bp = nn.Sequential(
+            nn.AvgPool2d(3, stride=1, padding=1), conv_unit(c_in, cp, 1, bn, activation)
+        )
         self.out_channels = c1 + c3 + cd + cp
 
     def forward(self, x: Tensor) -> Tensor:
@@ -131,7 +146,9 @@ class InceptionNet(nn.Module):
         self.stem = nn.Sequential(*stem)
         blocks: list[nn.Module] = []
         c = 4 * w
-        for i, spec in enumerate([(2, 2, 2, 1, 2, 2), (2, 3, 4, 2, 3, 3), (3, 3, 4, 2, 3, 2), (4, 4, 4, 2, 3, 3)]):
+        for i, spec in enumerate(
+            [(2, 2, 2, 1, 2, 2), (2, 3, 4, 2, 3, 3), (3, 3, 4, 2, 3, 2), (4, 4, 4, 2, 3, 3)]
+        ):
             block = InceptionBlock(c, *(s * w for s in spec), bn=bn, activation=activation)
             blocks.append(block)
             c = block.out_channels
@@ -142,7 +159,9 @@ class InceptionNet(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, num_classes)
         )
 
-        for m in self.modules():  # He init for ReLU, Glorot for sigmoid (torch's default is smaller)
+        for (
+            m
+        ) in self.modules():  # He init for ReLU, Glorot for sigmoid (torch's default is smaller)
             if isinstance(m, nn.Conv2d):
                 if activation == "relu":
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -204,4 +223,6 @@ class DeepMLP(nn.Module):
 
 def count_bn_layers(model: nn.Module) -> int:
     """Number of BN layers (this package's or torch's) in ``model``."""
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm | BatchNormBase) for m in model.modules())
+    return sum(
+        isinstance(m, nn.modules.batchnorm._BatchNorm | BatchNormBase) for m in model.modules()
+    )

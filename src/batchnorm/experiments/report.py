@@ -74,8 +74,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=dpi,
-                bbox_inches="tight")
+    fig.savefig(
+        buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=dpi, bbox_inches="tight"
+    )
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
@@ -106,8 +107,10 @@ def _img(run_dir: Path, fig: Figure) -> str:
     if not p.exists():
         return f"<p class='muted'>(missing figure {_e(fig.path)})</p>"
     b64 = base64.b64encode(p.read_bytes()).decode("ascii")
-    return (f"<figure><img alt='{_e(fig.caption or fig.path)}' src='data:image/png;base64,{b64}'>"
-            f"<figcaption>{_e(fig.caption)}</figcaption></figure>")
+    return (
+        f"<figure><img alt='{_e(fig.caption or fig.path)}' src='data:image/png;base64,{b64}'>"
+        f"<figcaption>{_e(fig.caption)}</figcaption></figure>"
+    )
 
 
 def _fmt_seconds(s: float) -> str:
@@ -122,14 +125,20 @@ def render_html(sections: ReportSections, run_dir: Path, config: dict, summary: 
         parts.append(f"<p>{_e(sections.intro)}</p>")
     if sections.claims:
         parts.append("<h2>Paper vs our measurement</h2>")
-        parts.append(_table(["claim", "paper", "ours", "verdict"],
-                            [[c.claim, c.paper, c.ours, c.verdict] for c in sections.claims]))
+        parts.append(
+            _table(
+                ["claim", "paper", "ours", "verdict"],
+                [[c.claim, c.paper, c.ours, c.verdict] for c in sections.claims],
+            )
+        )
     for fig in sections.figures:
         parts.append(_img(run_dir, fig))
     for t in sections.tables:
         parts.append(f"<h2>{_e(t.title)}</h2>" + _table(t.header, t.rows))
     if sections.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in sections.notes) + "</ul>")
+        parts.append(
+            "<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in sections.notes) + "</ul>"
+        )
     parts.append("<h2>Run settings</h2>")
     cfg = config.get("config", {})
     parts.append(_table(["setting", "value"], [[k, v] for k, v in cfg.items()]))
@@ -138,12 +147,18 @@ def render_html(sections: ReportSections, run_dir: Path, config: dict, summary: 
         parts.append(f"<p>Wall time: <b>{_e(_fmt_seconds(wall))}</b></p>")
     env = config.get("env", {})
     if env:
-        parts.append("<h2>Environment</h2>" + _table(["library", "version"], [[k, v] for k, v in env.items()]))
+        parts.append(
+            "<h2>Environment</h2>"
+            + _table(["library", "version"], [[k, v] for k, v in env.items()])
+        )
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts.append(f"<p class='muted'>Run directory: {_e(run_dir.resolve())} · rendered {stamp}</p>")
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>{_e(sections.title)}</title><style>{_CSS}</style></head><body>"
-            + "\n".join(parts) + "</body></html>\n")
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{_e(sections.title)}</title><style>{_CSS}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
 
 
 def render_report(run_dir: str | os.PathLike) -> Path:
@@ -161,4 +176,6 @@ def render_report(run_dir: str | os.PathLike) -> Path:
     summary = read_json(run_dir / "summary.json")
     module = load_experiment(config["experiment"])
     sections = module.report(summary, run_dir)
-    return atomic_write_bytes(run_dir / "report.html", render_html(sections, run_dir, config, summary).encode())
+    return atomic_write_bytes(
+        run_dir / "report.html", render_html(sections, run_dir, config, summary).encode()
+    )

@@ -169,12 +169,16 @@ def set_rng_state(state: dict, *generators: torch.Generator) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if len(state["generators"]) != len(generators):
-        raise ValueError(f"checkpoint holds {len(state['generators'])} generator states, got {len(generators)} generators")
+        raise ValueError(
+            f"checkpoint holds {len(state['generators'])} generator states, got {len(generators)} generators"
+        )
     for g, s in zip(generators, state["generators"], strict=True):
         g.set_state(s)
 
 
-def save_checkpoint(path: str | os.PathLike, *, step: int, generators: Iterable[torch.Generator] = (), **state: Any) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, *, step: int, generators: Iterable[torch.Generator] = (), **state: Any
+) -> Path:
     """Atomically save ``state`` (state_dicts, tensors, lists) plus ``step`` and all RNG states."""
     return atomic_save({"step": int(step), "rng": get_rng_state(*generators), **state}, path)
 
@@ -198,12 +202,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             f"--resume into a new --out directory."
         ) from None
     if not isinstance(ckpt, dict) or "step" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of this package (no 'step' entry); "
-                              f"delete it, or use a new --out directory")
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this package (no 'step' entry); "
+            f"delete it, or use a new --out directory"
+        )
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike, *, generators: Iterable[torch.Generator] = ()) -> dict | None:
+def load_checkpoint(
+    path: str | os.PathLike, *, generators: Iterable[torch.Generator] = ()
+) -> dict | None:
     """The saved dict (RNG states restored into the global RNGs and ``generators``), or None
     when there is no file; see :func:`read_checkpoint` for how it is read."""
     path = Path(path)
@@ -225,7 +233,9 @@ def config_from_dict(cls: type, data: dict) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{cls.__qualname__}: unknown config keys {unknown}; known: {sorted(names)}")
+        raise ValueError(
+            f"{cls.__qualname__}: unknown config keys {unknown}; known: {sorted(names)}"
+        )
     return cls(**data)
 
 
@@ -258,7 +268,12 @@ _RUN_FILES = ("metrics.jsonl", "summary.json", "report.html")
 
 
 def prepare_run_dir(
-    out: str | os.PathLike, name: str, cfg: Any, *, resume: bool, overwrite: bool = False,
+    out: str | os.PathLike,
+    name: str,
+    cfg: Any,
+    *,
+    resume: bool,
+    overwrite: bool = False,
 ) -> Path:
     """Create ``out`` (or take an empty one) and write ``config.json``.
 
@@ -282,16 +297,22 @@ def prepare_run_dir(
             except (OSError, ValueError):
                 saved = None
         if not isinstance(saved, dict) or saved.get("experiment") != name:
-            what = f"a {saved['experiment']!r} run" if isinstance(saved, dict) and \
-                saved.get("experiment") else "files that are not a run of this package"
+            what = (
+                f"a {saved['experiment']!r} run"
+                if isinstance(saved, dict) and saved.get("experiment")
+                else "files that are not a run of this package"
+            )
             raise RunDirError(
                 f"--out {out} is not empty and holds {what}, not a {name!r} run; nothing was "
                 f"changed. Choose a new or empty --out directory."
             )
         if resume:
             if saved.get("config") != cfg_dict:
-                diff = {k: (saved.get("config", {}).get(k), v) for k, v in cfg_dict.items()
-                        if saved.get("config", {}).get(k) != v}
+                diff = {
+                    k: (saved.get("config", {}).get(k), v)
+                    for k, v in cfg_dict.items()
+                    if saved.get("config", {}).get(k) != v
+                }
                 raise RunDirError(
                     f"--resume: {out} holds a run of {name!r} with other settings (saved vs "
                     f"requested: {diff}); resume with the same options, or use another --out"
@@ -325,13 +346,29 @@ def die_with_parent() -> None:
 
 
 # ---------------------------------------------------------------- progress and time
-def progress(iterable: Iterable | None = None, desc: str = "", *, total: int | None = None,
-             initial: int = 0, quiet: bool = False, position: int | None = None):
+def progress(
+    iterable: Iterable | None = None,
+    desc: str = "",
+    *,
+    total: int | None = None,
+    initial: int = 0,
+    quiet: bool = False,
+    position: int | None = None,
+):
     """A tqdm bar (to stderr), or a silent pass-through when ``quiet``."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=quiet,
-                position=position, leave=True, dynamic_ncols=True, mininterval=0.5)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        initial=initial,
+        disable=quiet,
+        position=position,
+        leave=True,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
 
 
 class Stopwatch:

@@ -16,11 +16,23 @@ from .renorm import BatchRenorm1d, BatchRenorm2d
 from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
-    "BatchNormBase", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
-    "LazyBatchNorm2d", "LazyBatchNorm3d",
+    "BatchNormBase",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
 ]
 __all__ += [
-    "BatchRenorm1d", "BatchRenorm2d", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
-    "GhostBatchNorm1d", "GhostBatchNorm2d", "SyncBatchNorm", "convert_sync_batchnorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
 ]
 __all__ += ["BatchNormAct1d", "BatchNormAct2d"]

@@ -72,14 +72,17 @@ class _BatchNormAct(BatchNormBase):
         self.alpha = float(alpha)
 
     def extra_repr(self) -> str:
-        extra = {"leaky_relu": f", negative_slope={self.negative_slope}",
-                 "elu": f", alpha={self.alpha}"}.get(self.activation, "")
+        extra = {
+            "leaky_relu": f", negative_slope={self.negative_slope}",
+            "elu": f", alpha={self.alpha}",
+        }.get(self.activation, "")
         return f"{super().extra_repr()}, activation={self.activation!r}{extra}"
 
     def _act(self) -> tuple[int, float]:
         """(C++ code, its parameter: leaky ReLU's slope or ELU's alpha)."""
         return op.ACTIVATIONS[self.activation], (
-            self.alpha if self.activation == "elu" else self.negative_slope)
+            self.alpha if self.activation == "elu" else self.negative_slope
+        )
 
     def _activate(self, y: Tensor) -> Tensor:
         """torch's own activation modules' functions (scriptable): the torch path's numbers."""

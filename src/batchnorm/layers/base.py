@@ -98,8 +98,16 @@ class BatchNormBase(_BatchNorm):
     ) -> None:
         check_arguments(num_features, momentum)
         extra = {} if bias else {"bias": False}  # the keyword exists from torch 2.5 on
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, device=device, dtype=dtype, **extra)
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            device=device,
+            dtype=dtype,
+            **extra,
+        )
 
     # ------------------------------------------------------------------ checks
     def check_input(self, x: Tensor) -> None:
@@ -108,7 +116,10 @@ class BatchNormBase(_BatchNorm):
             return
         BF.check_hyperparameters(self.eps, self.momentum, self._uses_batch_stats())
         BF.check_input(
-            x, self.num_features, self._dims, training=self._uses_batch_stats(),
+            x,
+            self.num_features,
+            self._dims,
+            training=self._uses_batch_stats(),
             layer=type(self).__name__,
         )
         if self.training and self.track_running_stats and self.momentum is None:
@@ -119,9 +130,14 @@ class BatchNormBase(_BatchNorm):
         small batches); anything else goes through the full checks, which say what is wrong."""
         eps, mom = self.eps, self.momentum
         return (
-            type(x) is Tensor and type(eps) is float and 0.0 < eps < math.inf
-            and type(mom) is float and 0.0 <= mom <= 1.0
-            and x.dim() in self._dims and x.shape[1] == self.num_features and x.is_floating_point()
+            type(x) is Tensor
+            and type(eps) is float
+            and 0.0 < eps < math.inf
+            and type(mom) is float
+            and 0.0 <= mom <= 1.0
+            and x.dim() in self._dims
+            and x.shape[1] == self.num_features
+            and x.is_floating_point()
             and (x.numel() >= 2 * self.num_features or not self._uses_batch_stats())
         )
 
@@ -168,8 +184,20 @@ class BatchNormBase(_BatchNorm):
         rm, rv, nbt = self._running_buffers()
         w, b = self._params()
         act, slope = self._act()
-        y = op.fast_batch_norm(input, rm, rv, w, b, self._uses_batch_stats(), self.momentum,
-                               self.eps, nbt, act, slope, self._save)
+        y = op.fast_batch_norm(
+            input,
+            rm,
+            rv,
+            w,
+            b,
+            self._uses_batch_stats(),
+            self.momentum,
+            self.eps,
+            nbt,
+            act,
+            slope,
+            self._save,
+        )
         if y is not None:
             return y
         return self._torch_forward(input)
@@ -187,11 +215,17 @@ class BatchNormBase(_BatchNorm):
                 return None
             return tracer.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
 
-        return self._torch_forward(input, node("running_mean"), node("running_var"),
-                                   node("num_batches_tracked"))
+        return self._torch_forward(
+            input, node("running_mean"), node("running_var"), node("num_batches_tracked")
+        )
 
-    def _torch_forward(self, input: Tensor, rm: Tensor | None = None, rv: Tensor | None = None,
-                       nbt: Tensor | None = None) -> Tensor:
+    def _torch_forward(
+        self,
+        input: Tensor,
+        rm: Tensor | None = None,
+        rv: Tensor | None = None,
+        nbt: Tensor | None = None,
+    ) -> Tensor:
         """torch.nn's forward on PyTorch's kernel (+ the activation of fused layers); the
         buffers are the module's unless given (fx proxies)."""
         if rm is None:
@@ -199,7 +233,14 @@ class BatchNormBase(_BatchNorm):
         use_running = not self.training or self.track_running_stats
         batch = self.training or (rm is None and rv is None)
         y = op.torch_batch_norm(
-            input, rm if use_running else None, rv if use_running else None, self.weight,
-            self.bias, batch, self.momentum, self.eps, nbt if self.training else None,
+            input,
+            rm if use_running else None,
+            rv if use_running else None,
+            self.weight,
+            self.bias,
+            batch,
+            self.momentum,
+            self.eps,
+            nbt if self.training else None,
         )
         return self._activate(y)

@@ -70,32 +70,56 @@ class _FrozenBatchNormBase(_NormBase):
         y = op.fast_batch_norm(x, mean, var, self.weight, self.bias, False, None, self.eps)
         if y is not None:
             return y
-        return op.torch_batch_norm(x, mean, var, self.weight, self.bias, False, None, self.eps, None)
+        return op.torch_batch_norm(
+            x, mean, var, self.weight, self.bias, False, None, self.eps, None
+        )
 
     def _check_input_dim(self, x: Tensor) -> None:
         BF.check_input(x, dims=self._dims, layer=type(self).__name__)
 
     def check_input(self, x: Tensor) -> None:
         BF.check_hyperparameters(self.eps, self.momentum)
-        BF.check_input(x, self.num_features, self._dims,
-                       training=self.training and (self.use_batch_stats or self.update_stats),
-                       layer=type(self).__name__)
+        BF.check_input(
+            x,
+            self.num_features,
+            self._dims,
+            training=self.training and (self.use_batch_stats or self.update_stats),
+            layer=type(self).__name__,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         update = self.training and self.update_stats
         if self._uses_batch_stats():
-            rm, rv, nbt = (self.running_mean, self.running_var, self.num_batches_tracked) if update \
+            rm, rv, nbt = (
+                (self.running_mean, self.running_var, self.num_batches_tracked)
+                if update
                 else (None, None, None)
-            return BF.batch_norm(x, rm, rv, self.weight, self.bias, True, self.momentum, self.eps,
-                                 num_batches_tracked=nbt)
+            )
+            return BF.batch_norm(
+                x,
+                rm,
+                rv,
+                self.weight,
+                self.bias,
+                True,
+                self.momentum,
+                self.eps,
+                num_batches_tracked=nbt,
+            )
         if update:  # update the running statistics, but normalize with those from before this batch
             old_mean, old_var = self.running_mean.clone(), self.running_var.clone()
             with torch.no_grad():
                 mean, var = reference.batch_stats(x)
                 factor = BF.ema_factor(self.momentum, self.num_batches_tracked)
-                BF.update_running_stats(self.running_mean, self.running_var, mean, var,
-                                        reference.values_per_channel(x), factor)
+                BF.update_running_stats(
+                    self.running_mean,
+                    self.running_var,
+                    mean,
+                    var,
+                    reference.values_per_channel(x),
+                    factor,
+                )
             return self._eval(x, old_mean, old_var)
         return self._eval(x, self.running_mean, self.running_var)
 

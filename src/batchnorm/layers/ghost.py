@@ -40,10 +40,14 @@ class _GhostBatchNormBase(BatchNormBase):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        if not isinstance(virtual_batch_size, int) or isinstance(virtual_batch_size, bool) \
-                or virtual_batch_size < 1:
+        if (
+            not isinstance(virtual_batch_size, int)
+            or isinstance(virtual_batch_size, bool)
+            or virtual_batch_size < 1
+        ):
             raise ValueError(
-                f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+                f"virtual_batch_size must be a positive int, got {virtual_batch_size!r}"
+            )
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.virtual_batch_size = virtual_batch_size
 

@@ -92,8 +92,14 @@ class _BatchRenormBase(BatchNormBase):
             d = ((mean - self.running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
             # Running stats are updated after r, d used the old ones (paper, Algorithm 1).
             factor = BF.ema_factor(self.momentum, self.num_batches_tracked)
-            BF.update_running_stats(self.running_mean, self.running_var, mean, var,
-                                    reference.values_per_channel(x), factor)
+            BF.update_running_stats(
+                self.running_mean,
+                self.running_var,
+                mean,
+                var,
+                reference.values_per_channel(x),
+                factor,
+            )
         r = r.to(x.dtype)
         d = d.to(x.dtype)
         scale = reference.channel_view(r if self.weight is None else self.weight * r, x)

@@ -176,7 +176,7 @@ class SyncBatchNorm(BatchNormBase):
         work = dist.all_gather(gathered, packed, group=self.process_group, async_op=True)
         _wait(work, self.timeout, "all_gather of the batch statistics", self.process_group)
         g = torch.stack(gathered)  # (world, 1 + 2C)
-        counts, means, m2s = g[:, :1], g[:, 1:1 + c], g[:, 1 + c:]
+        counts, means, m2s = g[:, :1], g[:, 1 : 1 + c], g[:, 1 + c :]
         total = float(counts.sum())
         if total < 2:
             raise ValueError(
@@ -201,24 +201,48 @@ class SyncBatchNorm(BatchNormBase):
         if rm is not None:
             factor = BF.ema_factor(self.momentum, nbt)
             BF.update_running_stats(rm, rv, mean, var, total, factor)
-        return _SyncNormalize.apply(x, self.weight, self.bias, mean.to(acc), invstd.to(acc), total,
-                                    self.process_group, self.timeout)
+        return _SyncNormalize.apply(
+            x,
+            self.weight,
+            self.bias,
+            mean.to(acc),
+            invstd.to(acc),
+            total,
+            self.process_group,
+            self.timeout,
+        )
 
 
-_TO_SYNC = (BatchNorm1d, BatchNorm2d, BatchNorm3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-            nn.SyncBatchNorm)
+_TO_SYNC = (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group: Any = None,
-                           timeout: float | None = None) -> nn.Module:
+def convert_sync_batchnorm(
+    module: nn.Module, process_group: Any = None, timeout: float | None = None
+) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d (ours or torch's, exact types) and ``torch.nn.SyncBatchNorm``
     with :class:`SyncBatchNorm`, in place, sharing parameters and buffers; returns the model."""
 
     def swap(m: nn.Module) -> nn.Module | None:
         if type(m) not in _TO_SYNC:
             return None
-        new = SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine,
-                            m.track_running_stats, process_group, timeout, device="meta")
+        new = SyncBatchNorm(
+            m.num_features,
+            m.eps,
+            m.momentum,
+            m.affine,
+            m.track_running_stats,
+            process_group,
+            timeout,
+            device="meta",
+        )
         return share_state(m, new)
 
     return replace_modules(module, swap)

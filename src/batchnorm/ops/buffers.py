@@ -52,7 +52,9 @@ def set_limit(nbytes: int) -> int:
     """Set the most idle bytes kept (0 turns caching off and frees idle buffers); returns the old."""
     global _limit
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"the cache limit must be an int >= 0 bytes (0 disables it), got {nbytes!r}")
+        raise ValueError(
+            f"the cache limit must be an int >= 0 bytes (0 disables it), got {nbytes!r}"
+        )
     old, _limit = _limit, nbytes
     ext = _ext()
     if ext is not None:
@@ -77,6 +79,12 @@ def info() -> dict[str, int]:
     the C++ kernels are not loaded."""
     ext = _ext()
     if ext is None:
-        return {"limit": _limit, "idle_bytes": 0, "idle_buffers": 0, "hits": 0, "misses": 0,
-                "dropped": 0}
+        return {
+            "limit": _limit,
+            "idle_bytes": 0,
+            "idle_buffers": 0,
+            "hits": 0,
+            "misses": 0,
+            "dropped": 0,
+        }
     return dict(ext.cache_info())

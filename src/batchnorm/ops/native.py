@@ -90,16 +90,26 @@ def load(verbose: bool = False) -> ModuleType | None:
         name = f"batchnorm_cpu_{_build_tag()}"
         fresh = not _built(name)
         if fresh:
-            print("batchnorm: compiling the C++ CPU kernels (once; about a minute on 2 cores; "
-                  "BATCHNORM_NATIVE=0 skips them)...", file=sys.stderr, flush=True)
+            print(
+                "batchnorm: compiling the C++ CPU kernels (once; about a minute on 2 cores; "
+                "BATCHNORM_NATIVE=0 skips them)...",
+                file=sys.stderr,
+                flush=True,
+            )
         start = time.monotonic()
         ext = cpp_extension.load(
-            name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             verbose=verbose,
         )
         if fresh:
-            print(f"batchnorm: C++ kernels built in {time.monotonic() - start:.0f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"batchnorm: C++ kernels built in {time.monotonic() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     except Exception as e:  # no compiler, no ninja, no headers: torch's kernel still works
         warnings.warn(
             f"batchnorm: the C++ CPU kernels could not be built ({type(e).__name__}: "
@@ -107,7 +117,8 @@ def load(verbose: bool = False) -> ModuleType | None:
             f"PyTorch's own kernel instead (same results, torch.nn's speed). Install a C++ "
             f"compiler and `pip install ninja` for the fast path, or set BATCHNORM_NATIVE=0 to "
             f"silence this.",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning,
+            stacklevel=2,
         )
         return None
     from . import buffers
@@ -124,5 +135,9 @@ def op(*args: Any) -> tuple[Any, Any, Any]:
 
 
 if __name__ == "__main__":  # `python -m batchnorm.ops.native`: build now (make setup does)
-    print("batchnorm C++ kernels:",
-          "ready" if load(verbose="-v" in sys.argv) is not None else "unavailable (torch's kernel is used)")
+    print(
+        "batchnorm C++ kernels:",
+        "ready"
+        if load(verbose="-v" in sys.argv) is not None
+        else "unavailable (torch's kernel is used)",
+    )

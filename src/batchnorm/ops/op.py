@@ -41,8 +41,19 @@ BACKENDS = ("auto", "torch")
 # The C++ ACT_* codes. ReLU, leaky ReLU and identity are piecewise linear (backward from a mask, or
 # from the inverted output); the others keep x and recompute act'(z) in backward.
 ACTIVATIONS = {
-    "identity": 0, "relu": 1, "leaky_relu": 2, "relu6": 3, "silu": 4, "hardswish": 5,
-    "hardsigmoid": 6, "gelu": 7, "gelu_tanh": 8, "elu": 9, "mish": 10, "sigmoid": 11, "tanh": 12,
+    "identity": 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "relu6": 3,
+    "silu": 4,
+    "hardswish": 5,
+    "hardsigmoid": 6,
+    "gelu": 7,
+    "gelu_tanh": 8,
+    "elu": 9,
+    "mish": 10,
+    "sigmoid": 11,
+    "tanh": 12,
 }
 SAVE_AUTO, SAVE_INPUT = 0, 1  # backward keeps y when it can be inverted (else x); always x
 
@@ -96,7 +107,10 @@ def _transform_active() -> bool:
 
 
 def fast_path_applies(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
     running_var: Tensor | None,
 ) -> bool:
     """Whether the C++ op computes this call exactly as PyTorch's kernel would (module
@@ -127,9 +141,17 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 
 def fast_batch_norm(
-    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
-    bias: Tensor | None, training: bool, momentum: float | None, eps: float,
-    num_batches_tracked: Tensor | None = None, act: int = 0, slope: float = 0.0,
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None = None,
+    act: int = 0,
+    slope: float = 0.0,
     save: int = SAVE_INPUT,
 ) -> Tensor | None:
     """act(BN(x)) from the C++ op, or None when :func:`fast_path_applies` says no (the caller then
@@ -142,15 +164,32 @@ def fast_batch_norm(
     if momentum is not None and not 0.0 <= momentum <= 1.0:  # torch's kernel takes any factor
         return None
     m = -1.0 if momentum is None else float(momentum)  # < 0: the cumulative average, 1/t
-    return native._ext.batch_norm(x, weight, bias, running_mean, running_var,
-                                  num_batches_tracked, training, m, float(eps), act, float(slope),
-                                  save)[0]
+    return native._ext.batch_norm(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        training,
+        m,
+        float(eps),
+        act,
+        float(slope),
+        save,
+    )[0]
 
 
 def torch_batch_norm(
-    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-    weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float | None,
-    eps: float, num_batches_tracked: Tensor | None,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
 ) -> Tensor:
     """``torch.nn.BatchNorm*``'s forward with PyTorch's kernel: ``F.batch_norm`` with the factor
     ``momentum``, or 1/t for the t-th batch when ``momentum`` is None; the counter moves only
@@ -168,13 +207,17 @@ def torch_batch_norm(
 
 
 def batch_norm_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training BN without running statistics: (y, μ_B, σ²_B biased), for the variants that need
     the batch statistics (ghost, renorm). The C++ op where it applies (statistics in float64),
     else ``torch.native_batch_norm`` (σ²_B from its 1/sqrt(σ²_B + ε)); statistics in float64."""
     if fast_path_applies(x, weight, bias, None, None):
-        return native.op(x, weight, bias, None, None, None, True, 0.0, float(eps), 0, 0.0,
-                         SAVE_INPUT)
+        return native.op(
+            x, weight, bias, None, None, None, True, 0.0, float(eps), 0, 0.0, SAVE_INPUT
+        )
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     return y, mean.double(), invstd.double().pow(-2) - eps

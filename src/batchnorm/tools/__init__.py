@@ -7,6 +7,10 @@ from .population import LayerPopulationReport, recompute_population_stats
 
 __all__ = ["convert_model", "fuse_bn_act"]
 __all__ += [
-    "ChannelAffine", "LayerPopulationReport", "fold_batchnorm", "freeze_batchnorm",
-    "recompute_population_stats", "unfreeze_batchnorm",
+    "ChannelAffine",
+    "LayerPopulationReport",
+    "fold_batchnorm",
+    "freeze_batchnorm",
+    "recompute_population_stats",
+    "unfreeze_batchnorm",
 ]

@@ -42,8 +42,13 @@ _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_OURS.i
 def _copy_layer(old: nn.Module, new_cls: type[nn.Module], **extra: Any) -> nn.Module:
     """A ``new_cls`` layer holding ``old``'s very parameters, buffers and mode (``extra``: the
     arguments ``new_cls`` has beyond torch's BN arguments)."""
-    args = dict(eps=old.eps, momentum=old.momentum, affine=old.affine,
-                track_running_stats=old.track_running_stats, **extra)
+    args = dict(
+        eps=old.eps,
+        momentum=old.momentum,
+        affine=old.affine,
+        track_running_stats=old.track_running_stats,
+        **extra,
+    )
     if issubclass(new_cls, LazyModuleMixin):  # no num_features yet: the first call sets it
         new = new_cls(**args)
     else:
@@ -64,8 +69,11 @@ def _timm_bn_act(m: nn.Module) -> nn.Module | None:
     if type(drop) is not nn.Identity or not isinstance(act, nn.Module):
         return None
     spec = ("identity", {}) if type(act) is nn.Identity else _activation_of(act)
-    if spec is None or any(_has_hooks(x) for x in (m, drop, act)) or list(m._modules) != [
-            "drop", "act"]:
+    if (
+        spec is None
+        or any(_has_hooks(x) for x in (m, drop, act))
+        or list(m._modules) != ["drop", "act"]
+    ):
         return None
     return _copy_layer(m, BatchNormAct2d, activation=spec[0], **spec[1])
 
@@ -79,26 +87,38 @@ def convert_model(module: nn.Module, to: str = "batchnorm") -> nn.Module:
     dropout is off and its activation is one we fuse (see :func:`_timm_bn_act`).
     """
     if to == "batchnorm":
-        return replace_modules(module, lambda m: _copy_layer(m, _TO_OURS[type(m)])
-                               if type(m) in _TO_OURS else _timm_bn_act(m))
+        return replace_modules(
+            module,
+            lambda m: _copy_layer(m, _TO_OURS[type(m)]) if type(m) in _TO_OURS else _timm_bn_act(m),
+        )
     if to == "torch":
-        return replace_modules(module, lambda m: _copy_layer(m, _TO_TORCH[type(m)])
-                               if type(m) in _TO_TORCH else None)
+        return replace_modules(
+            module, lambda m: _copy_layer(m, _TO_TORCH[type(m)]) if type(m) in _TO_TORCH else None
+        )
     raise ValueError(f"to must be 'batchnorm' or 'torch', got {to!r}")
 
 
 _TO_FUSED: dict[type[nn.Module], type[nn.Module]] = {
-    nn.BatchNorm1d: BatchNormAct1d, BatchNorm1d: BatchNormAct1d,
-    nn.BatchNorm2d: BatchNormAct2d, BatchNorm2d: BatchNormAct2d,
+    nn.BatchNorm1d: BatchNormAct1d,
+    BatchNorm1d: BatchNormAct1d,
+    nn.BatchNorm2d: BatchNormAct2d,
+    BatchNorm2d: BatchNormAct2d,
 }
 
 
 def _activation_of(m: nn.Module) -> tuple[str, dict[str, float]] | None:
     """(activation, its keyword arguments) of a ``BatchNormAct`` equal to module ``m``, or None if
     there is none (a LeakyReLU with a negative slope is not invertible, so it stays separate)."""
-    simple = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-              nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish", nn.Sigmoid: "sigmoid",
-              nn.Tanh: "tanh"}
+    simple = {
+        nn.ReLU: "relu",
+        nn.ReLU6: "relu6",
+        nn.SiLU: "silu",
+        nn.Hardswish: "hardswish",
+        nn.Hardsigmoid: "hardsigmoid",
+        nn.Mish: "mish",
+        nn.Sigmoid: "sigmoid",
+        nn.Tanh: "tanh",
+    }
     if type(m) in simple:
         return simple[type(m)], {}
     if type(m) is nn.GELU:
@@ -114,8 +134,9 @@ def _activation_of(m: nn.Module) -> tuple[str, dict[str, float]] | None:
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks)
+    return bool(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
 
 
 _FUNCTIONAL_RELU = (F.relu, torch.relu, torch.relu_)
@@ -130,8 +151,11 @@ def _graph_activation(node: fx.Node, bn_node: fx.Node, root: nn.Module):
     if node.op == "call_module":
         act = root.get_submodule(node.target)
         return None if _has_hooks(act) else _activation_of(act)
-    if node.op == "call_function" and node.target in _FUNCTIONAL_RELU and set(node.kwargs) <= {
-            "inplace"}:
+    if (
+        node.op == "call_function"
+        and node.target in _FUNCTIONAL_RELU
+        and set(node.kwargs) <= {"inplace"}
+    ):
         return "relu", {}
     if node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs:
         return "relu", {}
@@ -192,8 +216,11 @@ def fuse_bn_act(module: nn.Module) -> nn.Module:
     called twice, a BN output used by anything besides its activation, pairs where either
     module has hooks, and models fx cannot trace (step 1 only).
     """
-    seqs = [m for m in module.modules()
-            if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward]
+    seqs = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+    ]
     for seq in seqs:
         names = list(seq._modules)
         for name, nxt in zip(names, names[1:], strict=False):

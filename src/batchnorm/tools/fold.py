@@ -63,10 +63,25 @@ def _known_types() -> tuple[type[nn.Module], ...]:
     """BN layers whose eval forward is exactly act(s·x + t), act from :func:`_activation_of`."""
     from .. import layers as L
 
-    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, L.BatchNorm1d,
-            L.BatchNorm2d, L.BatchNorm3d, L.BatchNormAct1d, L.BatchNormAct2d, L.GhostBatchNorm1d,
-            L.GhostBatchNorm2d, L.BatchRenorm1d, L.BatchRenorm2d, L.SyncBatchNorm,
-            L.FrozenBatchNorm1d, L.FrozenBatchNorm2d, L.FrozenBatchNorm3d)
+    return (
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+        L.BatchNorm1d,
+        L.BatchNorm2d,
+        L.BatchNorm3d,
+        L.BatchNormAct1d,
+        L.BatchNormAct2d,
+        L.GhostBatchNorm1d,
+        L.GhostBatchNorm2d,
+        L.BatchRenorm1d,
+        L.BatchRenorm2d,
+        L.SyncBatchNorm,
+        L.FrozenBatchNorm1d,
+        L.FrozenBatchNorm2d,
+        L.FrozenBatchNorm3d,
+    )
 
 
 def _is_bn_like(mod: nn.Module) -> bool:
@@ -78,8 +93,11 @@ def _is_bn_like(mod: nn.Module) -> bool:
 def _is_bn(mod: nn.Module) -> bool:
     """A layer this tool folds: a known type, with running statistics (materialized)."""
     rm = getattr(mod, "running_mean", None)
-    return type(mod) in _known_types() and isinstance(rm, Tensor) \
+    return (
+        type(mod) in _known_types()
+        and isinstance(rm, Tensor)
         and not isinstance(rm, nn.parameter.UninitializedBuffer)
+    )
 
 
 def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -101,11 +119,18 @@ def _activation_of(bn: nn.Module) -> nn.Module | None:
     if act is None or act == "identity":
         return None
     modules = {
-        "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(bn.negative_slope),
-        "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish,
-        "hardsigmoid": nn.Hardsigmoid, "gelu": nn.GELU,
-        "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "elu": lambda: nn.ELU(bn.alpha),
-        "mish": nn.Mish, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(bn.negative_slope),
+        "relu6": nn.ReLU6,
+        "silu": nn.SiLU,
+        "hardswish": nn.Hardswish,
+        "hardsigmoid": nn.Hardsigmoid,
+        "gelu": nn.GELU,
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "elu": lambda: nn.ELU(bn.alpha),
+        "mish": nn.Mish,
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
     }
     return modules[act]()  # a new name in op.ACTIVATIONS without an entry here: KeyError
 
@@ -190,8 +215,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     folded = copy.deepcopy(model).eval()
     if _is_bn(folded):
         return _replacement(folded).eval()
-    left = [f"{name or '<model>'} ({type(m).__name__})" for name, m in folded.named_modules()
-            if _is_bn_like(m) and type(m) not in _known_types()]
+    left = [
+        f"{name or '<model>'} ({type(m).__name__})"
+        for name, m in folded.named_modules()
+        if _is_bn_like(m) and type(m) not in _known_types()
+    ]
     pairs = _graph_pairs(folded)
     if pairs is None:
         pairs = _sequential_pairs(folded)
@@ -208,6 +236,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             f"fold_batchnorm left {len(left)} BN layer(s) as they were, because their forward is "
             f"not one this tool knows exactly: {', '.join(left)}. Their outputs are unchanged; "
             f"to fold them, convert them to torch.nn or batchnorm BN layers first.",
-            UserWarning, stacklevel=2,
+            UserWarning,
+            stacklevel=2,
         )
     return folded.eval()

@@ -17,15 +17,25 @@ from ..layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..layers.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
 _TO_BN = {
-    FrozenBatchNorm1d: BatchNorm1d, FrozenBatchNorm2d: BatchNorm2d, FrozenBatchNorm3d: BatchNorm3d,
+    FrozenBatchNorm1d: BatchNorm1d,
+    FrozenBatchNorm2d: BatchNorm2d,
+    FrozenBatchNorm3d: BatchNorm3d,
 }
 _TO_FROZEN = {bn: frozen for frozen, bn in _TO_BN.items()}
-_TO_FROZEN.update({nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchNorm2d,
-                   nn.BatchNorm3d: FrozenBatchNorm3d})
+_TO_FROZEN.update(
+    {
+        nn.BatchNorm1d: FrozenBatchNorm1d,
+        nn.BatchNorm2d: FrozenBatchNorm2d,
+        nn.BatchNorm3d: FrozenBatchNorm3d,
+    }
+)
 
 
 def freeze_batchnorm(
-    model: nn.Module, *, use_batch_stats: bool = False, update_stats: bool = False,
+    model: nn.Module,
+    *,
+    use_batch_stats: bool = False,
+    update_stats: bool = False,
     train_affine: bool = False,
 ) -> nn.Module:
     """Replace BN layers by frozen ones with the given switches (defaults: fully frozen).
@@ -45,8 +55,15 @@ def freeze_batchnorm(
         cls = _TO_FROZEN.get(type(mod))
         if cls is None:
             return None
-        new = cls(mod.num_features, eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
-                  use_batch_stats=use_batch_stats, update_stats=update_stats, device="meta")
+        new = cls(
+            mod.num_features,
+            eps=mod.eps,
+            momentum=mod.momentum,
+            affine=mod.affine,
+            use_batch_stats=use_batch_stats,
+            update_stats=update_stats,
+            device="meta",
+        )
         share_state(mod, new)
         new.set_train_affine(train_affine)
         return new
@@ -62,8 +79,9 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
         cls = _TO_BN.get(type(mod))
         if cls is None:
             return None
-        new = cls(mod.num_features, eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
-                  device="meta")
+        new = cls(
+            mod.num_features, eps=mod.eps, momentum=mod.momentum, affine=mod.affine, device="meta"
+        )
         share_state(mod, new)
         if new.affine:
             new.weight.requires_grad_(True)

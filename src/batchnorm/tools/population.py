@@ -129,9 +129,15 @@ def recompute_population_stats(
         return {}
     accs = {name: _Accumulator() for name, _ in layers}
     modes = {mod: mod.training for mod in model.modules()}
-    saved = {name: (mod.momentum, mod.running_mean.clone(), mod.running_var.clone(),
-                    None if mod.num_batches_tracked is None else mod.num_batches_tracked.clone())
-             for name, mod in layers}
+    saved = {
+        name: (
+            mod.momentum,
+            mod.running_mean.clone(),
+            mod.running_var.clone(),
+            None if mod.num_batches_tracked is None else mod.num_batches_tracked.clone(),
+        )
+        for name, mod in layers
+    }
     hooks = []
     try:
         for name, mod in layers:
@@ -145,7 +151,8 @@ def recompute_population_stats(
                 seen += 1
         if seen == 0:
             raise ValueError(
-                "recompute_population_stats: `batches` yielded no batch; pass training batches")
+                "recompute_population_stats: `batches` yielded no batch; pass training batches"
+            )
     finally:
         for h in hooks:
             h.remove()
