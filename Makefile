@@ -18,15 +18,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+test: lint  # lint (ruff, ruff format, mypy) first: CI runs `make test`
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# mypy checks the core (src/batchnorm minus research/), as configured in pyproject.toml.
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

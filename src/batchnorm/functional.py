@@ -155,7 +155,10 @@ def ema_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> fl
     if num_batches_tracked is not None:
         with torch.no_grad():
             num_batches_tracked.add_(1)
-    return momentum if momentum is not None else 1.0 / float(num_batches_tracked.item())
+    if momentum is not None:
+        return momentum
+    assert num_batches_tracked is not None, "momentum=None (cumulative average) needs a counter"
+    return 1.0 / float(num_batches_tracked.item())
 
 
 def update_running_stats(
@@ -222,9 +225,11 @@ def batch_norm(
             "batch_norm in eval mode (training=False) needs running_mean and running_var; "
             "pass them, or use training=True to normalize with batch statistics"
         )
-    if training and running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise BatchNormInputError("momentum=None (cumulative average) needs num_batches_tracked")
     if training and running_mean is not None and momentum is None:
+        if num_batches_tracked is None:
+            raise BatchNormInputError(
+                "momentum=None (cumulative average) needs num_batches_tracked"
+            )
         check_counter(num_batches_tracked)
 
     y = op.fast_batch_norm(

@@ -18,7 +18,7 @@ the module modes are restored.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ __all__ = ["bn_health", "bn_layers", "health_table"]
 _BN = (BatchNormBase, _BatchNorm)
 
 
-def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
+def bn_layers(model: nn.Module) -> dict[str, _BatchNorm]:
     """Every BN layer of ``model`` (ours and torch.nn's), by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, _BN)}
 
@@ -79,14 +79,15 @@ def bn_health(
             "var_ratio_max": None,
             "log_var_ratio_mean": None,
         }
-        if bn.weight is not None:
-            g = bn.weight.detach().abs().double()
+        weight = cast("Tensor | None", bn.weight)  # torch's _NormBase leaves weight undeclared
+        if weight is not None:
+            g = weight.detach().abs().double()
             row.update(
                 gamma_collapsed=int((g < gamma_threshold).sum()),
                 gamma_abs_mean=float(g.mean()),
                 gamma_abs_min=float(g.min()),
             )
-        if name in seen and rm is not None:
+        if name in seen and rm is not None and rv is not None:
             mean, var = _channel_stats(seen[name])
             rm64, rv64 = rm.detach().double(), rv.detach().double()
             shift = (mean - rm64).abs() / (rv64 + bn.eps).sqrt()
@@ -103,7 +104,7 @@ def bn_health(
 
 
 def _capture_inputs(
-    model: nn.Module, layers: dict[str, nn.Module], inputs: Tensor, train_mode: bool
+    model: nn.Module, layers: dict[str, _BatchNorm], inputs: Tensor, train_mode: bool
 ) -> dict[str, Tensor]:
     seen: dict[str, Tensor] = {}
 
@@ -129,14 +130,14 @@ def _capture_inputs(
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+        for module, mode in modes.items():
+            module.training = mode
         with torch.no_grad():
             for n, m in layers.items():
                 for buf, old in zip(
                     (m.running_mean, m.running_var, m.num_batches_tracked), saved[n], strict=True
                 ):
-                    if buf is not None:
+                    if buf is not None and old is not None:
                         buf.copy_(old)
     return seen
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -123,7 +123,7 @@ class BatchNormBase(_BatchNorm):
             layer=type(self).__name__,
         )
         if self.training and self.track_running_stats and self.momentum is None:
-            BF.check_counter(self.num_batches_tracked)
+            BF.check_counter(cast(Tensor, self.num_batches_tracked))  # tracked: a tensor
 
     def _valid_fast(self, x: Tensor) -> bool:
         """The common valid call, recognised without building any message (a few µs a call on

@@ -31,6 +31,10 @@ from .base import check_arguments
 class _FrozenBatchNormBase(_NormBase):
     """BN with fixed statistics and affine; see the module docstring for the switches."""
 
+    _dims: tuple[int, ...]  # accepted input ranks: set by each subclass
+    running_mean: Tensor  # always tracked (track_running_stats=True), so never None here
+    running_var: Tensor
+
     def __init__(
         self,
         num_features: int,

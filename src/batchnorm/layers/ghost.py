@@ -16,7 +16,7 @@ equal — the Algorithm 2 estimate of what one virtual batch sees, which is what
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -71,12 +71,14 @@ class _GhostBatchNormBase(BatchNormBase):
             outs.append(y)
             stats.append((reference.values_per_channel(chunk), mean.detach(), var.detach()))
         rm, rv, nbt = self._running_buffers()
-        if rm is not None:
+        if rm is not None and rv is not None:
             with torch.no_grad():
                 m_tot = sum(m for m, _, _ in stats)
-                mean = sum(m * mu for m, mu, _ in stats) / m_tot  # Σ m_k μ_k / Σ m_k
+                # Σ m_k μ_k / Σ m_k and Σ m_k σ²_k / Σ (m_k − 1): sums of tensors (≥ 1 chunk),
+                # which sum()'s start of 0 types as `Tensor | int`
+                mean = cast(Tensor, sum(m * mu for m, mu, _ in stats)) / m_tot
                 dof = sum(m - 1 for m, _, _ in stats)
-                unbiased = sum(m * v for m, _, v in stats) / dof  # Σ m_k σ²_k / Σ (m_k − 1)
+                unbiased = cast(Tensor, sum(m * v for m, _, v in stats)) / dof
                 factor = BF.ema_factor(self.momentum, nbt)
                 rm.lerp_(mean.to(rm.dtype), factor)  # the EMA of functional.update_running_stats
                 rv.lerp_(unbiased.to(rv.dtype), factor)

@@ -29,6 +29,11 @@ from .base import BatchNormBase
 class _BatchRenormBase(BatchNormBase):
     """Batch Renormalization; ``r_max``, ``d_max`` are the final clipping limits."""
 
+    # __init__ requires track_running_stats=True, so these buffers are never None here
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
     def __init__(
         self,
         num_features: int,

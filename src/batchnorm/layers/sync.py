@@ -21,11 +21,12 @@ group, or a group of one rank, this is the local BatchNorm.
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from .. import functional as BF
 from ..ops import reference
@@ -198,7 +199,7 @@ class SyncBatchNorm(BatchNormBase):
         acc = reference.acc_dtype(x.dtype)
         invstd = torch.rsqrt(var + self.eps)
         rm, rv, nbt = self._running_buffers()
-        if rm is not None:
+        if rm is not None and rv is not None:
             factor = BF.ema_factor(self.momentum, nbt)
             BF.update_running_stats(rm, rv, mean, var, total, factor)
         return _SyncNormalize.apply(
@@ -233,12 +234,13 @@ def convert_sync_batchnorm(
     def swap(m: nn.Module) -> nn.Module | None:
         if type(m) not in _TO_SYNC:
             return None
+        bn = cast(_NormBase, m)  # one of _TO_SYNC: a BN layer
         new = SyncBatchNorm(
-            m.num_features,
-            m.eps,
-            m.momentum,
-            m.affine,
-            m.track_running_stats,
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
             process_group,
             timeout,
             device="meta",

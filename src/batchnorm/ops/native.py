@@ -29,7 +29,9 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "bn_cpu.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]  # no -ffast-math: NaN/inf propagate
 LDFLAGS = ["-fopenmp"]  # libgomp.so.1: the same OpenMP runtime (and thread pool) torch loads
 
-_ext: ModuleType | None | bool = False  # False: not tried yet; None: unavailable
+# The loaded extension, a module whose functions (batch_norm, cache_*) only exist at run time, so
+# typed Any; False: not tried yet; None: unavailable.
+_ext: Any = False
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

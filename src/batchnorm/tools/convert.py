@@ -49,6 +49,7 @@ def _copy_layer(old: nn.Module, new_cls: type[nn.Module], **extra: Any) -> nn.Mo
         track_running_stats=old.track_running_stats,
         **extra,
     )
+    new: nn.Module
     if issubclass(new_cls, LazyModuleMixin):  # no num_features yet: the first call sets it
         new = new_cls(**args)
     else:
@@ -149,7 +150,7 @@ def _graph_activation(node: fx.Node, bn_node: fx.Node, root: nn.Module):
     if node.args[:1] != (bn_node,) or len(node.args) != 1:
         return None
     if node.op == "call_module":
-        act = root.get_submodule(node.target)
+        act = root.get_submodule(str(node.target))  # call_module: a qualified name
         return None if _has_hooks(act) else _activation_of(act)
     if (
         node.op == "call_function"
@@ -179,7 +180,7 @@ def _fuse_in_graph(module: nn.Module) -> nn.Module:
         fused_cls = _TO_FUSED.get(type(bn))
         (user,) = node.users
         spec = _graph_activation(user, node, gm) if fused_cls is not None else None
-        if spec is None or _has_hooks(bn):
+        if spec is None or fused_cls is None or _has_hooks(bn):
             continue
         gm.set_submodule(node.target, _copy_layer(bn, fused_cls, activation=spec[0], **spec[1]))
         user.replace_all_uses_with(node)

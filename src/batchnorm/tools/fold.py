@@ -33,9 +33,12 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from ..ops import reference
 from .graph import trace
@@ -45,6 +48,9 @@ _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 class ChannelAffine(nn.Module):
     """y = scale·x + shift per channel (axis 1): an eval-mode BN layer after folding."""
+
+    scale: Tensor  # buffers, registered in __init__
+    shift: Tensor
 
     def __init__(self, scale: Tensor, shift: Tensor) -> None:
         super().__init__()
@@ -90,7 +96,7 @@ def _is_bn_like(mod: nn.Module) -> bool:
     return isinstance(mod, _NormBase)
 
 
-def _is_bn(mod: nn.Module) -> bool:
+def _is_bn(mod: nn.Module) -> TypeGuard[_NormBase]:
     """A layer this tool folds: a known type, with running statistics (materialized)."""
     rm = getattr(mod, "running_mean", None)
     return (
@@ -100,25 +106,34 @@ def _is_bn(mod: nn.Module) -> bool:
     )
 
 
-def _affine_of(bn: nn.Module) -> tuple[Tensor, Tensor]:
+def _running_stats(bn: _NormBase) -> tuple[Tensor, Tensor]:
+    """(running mean, running var) of a layer :func:`_is_bn` accepted (it has them)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    return bn.running_mean, bn.running_var
+
+
+def _affine_of(bn: _NormBase) -> tuple[Tensor, Tensor]:
     """(s, t) of the eval-mode map y = s·x + t, in float64."""
-    var = bn.running_var.detach().to(torch.float64)
-    mean = bn.running_mean.detach().to(torch.float64)
+    running_mean, running_var = _running_stats(bn)
+    var = running_var.detach().to(torch.float64)
+    mean = running_mean.detach().to(torch.float64)
     s = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        s = s * bn.weight.detach().to(torch.float64)  # s = γ/sqrt(Var + ε)
+    weight = cast("Tensor | None", bn.weight)  # torch's _NormBase leaves weight, bias undeclared
+    bias = cast("Tensor | None", bn.bias)
+    if weight is not None:
+        s = s * weight.detach().to(torch.float64)  # s = γ/sqrt(Var + ε)
     t = -mean * s
-    if bn.bias is not None:
-        t = t + bn.bias.detach().to(torch.float64)  # t = β − s·E[x]
+    if bias is not None:
+        t = t + bias.detach().to(torch.float64)  # t = β − s·E[x]
     return s, t
 
 
-def _activation_of(bn: nn.Module) -> nn.Module | None:
+def _activation_of(bn: Any) -> nn.Module | None:  # duck-typed: BatchNormAct's attributes
     """The activation a fused BN + activation layer applies after BN, as a module (or None)."""
     act = getattr(bn, "activation", None)  # only BatchNormAct1d/2d among the known types
     if act is None or act == "identity":
         return None
-    modules = {
+    modules: dict[str, Callable[[], nn.Module]] = {
         "relu": nn.ReLU,
         "leaky_relu": lambda: nn.LeakyReLU(bn.negative_slope),
         "relu6": nn.ReLU6,
@@ -135,11 +150,12 @@ def _activation_of(bn: nn.Module) -> nn.Module | None:
     return modules[act]()  # a new name in op.ACTIVATIONS without an entry here: KeyError
 
 
-def _fold_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
+def _fold_into(layer: nn.Module, bn: _NormBase) -> nn.Module:
     """A copy of Conv/Linear ``layer`` whose output equals bn(layer(x)) in eval mode."""
     s, t = _affine_of(bn)
-    w = layer.weight.detach()
-    b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros_like(s)
+    w = cast(Tensor, layer.weight).detach()  # a Conv/Linear: weight and (maybe None) bias
+    bias = cast("Tensor | None", layer.bias)
+    b = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(s)
     new = copy.deepcopy(layer)
     shape = (-1,) + (1,) * (w.dim() - 1)
     new.weight = nn.Parameter((w.to(torch.float64) * s.reshape(shape)).to(w.dtype))  # W' = s·W
@@ -147,9 +163,9 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> nn.Module:
     return new
 
 
-def _replacement(bn: nn.Module) -> nn.Module:
+def _replacement(bn: _NormBase) -> nn.Module:
     s, t = _affine_of(bn)
-    dtype = bn.running_mean.dtype
+    dtype = _running_stats(bn)[0].dtype
     affine = ChannelAffine(s.to(dtype), t.to(dtype))
     act = _activation_of(bn)
     return affine if act is None else nn.Sequential(affine, act)
@@ -170,7 +186,7 @@ def _graph_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
     if graph is None:
         return None
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for n in graph.nodes:
         if n.op != "call_module" or len(n.args) != 1 or n.kwargs:
             continue
@@ -179,9 +195,10 @@ def _graph_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
             continue
         if calls[n.target] != 1 or calls[prev.target] != 1:
             continue  # a module called twice: folding it would change its other call too
-        bn, layer = model.get_submodule(n.target), model.get_submodule(prev.target)
+        # call_module targets are the modules' qualified names (str)
+        bn, layer = model.get_submodule(str(n.target)), model.get_submodule(str(prev.target))
         if _is_bn(bn) and _can_fold(layer, bn):
-            pairs.append((prev.target, n.target))
+            pairs.append((str(prev.target), str(n.target)))
     return pairs
 
 
@@ -224,7 +241,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if pairs is None:
         pairs = _sequential_pairs(folded)
     for layer_name, bn_name in pairs:
-        bn = folded.get_submodule(bn_name)
+        bn = cast(_NormBase, folded.get_submodule(bn_name))  # a pair's BN passed _is_bn
         folded.set_submodule(layer_name, _fold_into(folded.get_submodule(layer_name), bn))
         act = _activation_of(bn)
         folded.set_submodule(bn_name, act if act is not None else nn.Identity())

@@ -10,18 +10,28 @@ BN + activation) are left alone: freezing would drop what makes them different.
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
-from ..layers.base import replace_modules, share_state
+from ..layers.base import BatchNormBase, replace_modules, share_state
 from ..layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from ..layers.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from ..layers.frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    _FrozenBatchNormBase,
+)
 
-_TO_BN = {
+_TO_BN: dict[type[nn.Module], type[BatchNormBase]] = {
     FrozenBatchNorm1d: BatchNorm1d,
     FrozenBatchNorm2d: BatchNorm2d,
     FrozenBatchNorm3d: BatchNorm3d,
 }
-_TO_FROZEN = {bn: frozen for frozen, bn in _TO_BN.items()}
+_TO_FROZEN: dict[type[nn.Module], type[_FrozenBatchNormBase]] = {
+    bn: cast(type[_FrozenBatchNormBase], frozen) for frozen, bn in _TO_BN.items()
+}
 _TO_FROZEN.update(
     {
         nn.BatchNorm1d: FrozenBatchNorm1d,
@@ -51,15 +61,16 @@ def freeze_batchnorm(
                 f"with track_running_stats=True and call recompute_population_stats first"
             )
 
-    def swap(mod: nn.Module):
+    def swap(mod: nn.Module) -> nn.Module | None:
         cls = _TO_FROZEN.get(type(mod))
         if cls is None:
             return None
+        bn = cast(_NormBase, mod)  # a key of _TO_FROZEN: a BN layer
         new = cls(
-            mod.num_features,
-            eps=mod.eps,
-            momentum=mod.momentum,
-            affine=mod.affine,
+            bn.num_features,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
             use_batch_stats=use_batch_stats,
             update_stats=update_stats,
             device="meta",
@@ -75,12 +86,13 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
     """Replace frozen layers by ordinary BN layers (batch statistics in training, EMA updates,
     γ and β trainable again)."""
 
-    def swap(mod: nn.Module):
+    def swap(mod: nn.Module) -> nn.Module | None:
         cls = _TO_BN.get(type(mod))
         if cls is None:
             return None
+        bn = cast(_NormBase, mod)  # a key of _TO_BN: a frozen BN layer
         new = cls(
-            mod.num_features, eps=mod.eps, momentum=mod.momentum, affine=mod.affine, device="meta"
+            bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine, device="meta"
         )
         share_state(mod, new)
         if new.affine:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,8 @@ class _Accumulator:
     """Per-layer float64 sums over batches: Σ m_k μ_k, Σ m_k σ²_k, Σ m_k, Σ (m_k − 1)."""
 
     def __init__(self) -> None:
-        self.sum = self.m2 = None
+        self.sum: Tensor | None = None
+        self.m2: Tensor | None = None
         self.count = self.dof = self.batches = 0
 
     def add(self, x: Tensor) -> None:
@@ -63,13 +65,14 @@ class _Accumulator:
         self.batches += 1
 
     def result(self) -> tuple[Tensor, Tensor]:
+        assert self.sum is not None and self.m2 is not None, "no batch was added"
         return self.sum / self.count, self.m2 / self.dof
 
 
-def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     from ..layers.base import BatchNormBase
 
-    out = []
+    out: list[tuple[str, nn.modules.batchnorm._BatchNorm]] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, (BatchNormBase, _TORCH_BN)):
             continue
@@ -79,6 +82,12 @@ def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         out.append((name, mod))
     return out
+
+
+def _running(mod: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """The running mean and variance of a layer from :func:`_bn_layers` (which has them)."""
+    assert mod.running_mean is not None and mod.running_var is not None
+    return mod.running_mean, mod.running_var
 
 
 def _input_of(batch) -> Tensor:
@@ -92,13 +101,13 @@ def _input_of(batch) -> Tensor:
     )
 
 
-def _chunks(mod: nn.Module, x: Tensor) -> list[Tensor]:
+def _chunks(mod: Any, x: Tensor) -> list[Tensor]:  # duck-typed: ghost BN has chunks()
     """The groups one training forward normalizes separately (virtual batches for ghost BN)."""
     return mod.chunks(x) if hasattr(mod, "chunks") and hasattr(mod, "virtual_batch_size") else [x]
 
 
 def _hook(acc: _Accumulator):
-    def pre_hook(mod: nn.Module, args: tuple) -> None:
+    def pre_hook(mod: Any, args: tuple) -> None:  # duck-typed: SyncBatchNorm has global_stats()
         if hasattr(mod, "global_stats") and mod._world_size() > 1:  # SyncBatchNorm: global batch
             acc.add_stats(*mod.global_stats(args[0]))
             return
@@ -132,8 +141,8 @@ def recompute_population_stats(
     saved = {
         name: (
             mod.momentum,
-            mod.running_mean.clone(),
-            mod.running_var.clone(),
+            _running(mod)[0].clone(),
+            _running(mod)[1].clone(),
             None if mod.num_batches_tracked is None else mod.num_batches_tracked.clone(),
         )
         for name, mod in layers
@@ -159,13 +168,14 @@ def recompute_population_stats(
         for name, mod in layers:
             momentum, rm, rv, nbt = saved[name]
             mod.momentum = momentum
+            running_mean, running_var = _running(mod)
             with torch.no_grad():
-                mod.running_mean.copy_(rm)
-                mod.running_var.copy_(rv)
-                if nbt is not None:
+                running_mean.copy_(rm)
+                running_var.copy_(rv)
+                if nbt is not None and mod.num_batches_tracked is not None:
                     mod.num_batches_tracked.copy_(nbt)
-        for mod, mode in modes.items():
-            mod.training = mode
+        for module, mode in modes.items():
+            module.training = mode
 
     reports = {}
     with torch.no_grad():
@@ -174,8 +184,9 @@ def recompute_population_stats(
             if acc.batches == 0:
                 continue
             mean, var = acc.result()
-            old_mean = mod.running_mean.to(torch.float64)
-            old_var = mod.running_var.to(torch.float64)
+            running_mean, running_var = _running(mod)
+            old_mean = running_mean.to(torch.float64)
+            old_var = running_var.to(torch.float64)
             reports[name] = LayerPopulationReport(
                 batches=acc.batches,
                 values_per_channel=acc.count,
@@ -183,6 +194,6 @@ def recompute_population_stats(
                 max_mean_shift_std=float(((old_mean - mean).abs() / (var + mod.eps).sqrt()).max()),
                 max_rel_var_diff=float(((old_var - var).abs() / var.clamp_min(1e-30)).max()),
             )
-            mod.running_mean.copy_(mean.to(mod.running_mean.dtype))
-            mod.running_var.copy_(var.to(mod.running_var.dtype))
+            running_mean.copy_(mean.to(running_mean.dtype))
+            running_var.copy_(var.to(running_var.dtype))
     return reports
