@@ -361,3 +361,67 @@ def test_timm_style_efficientnet_blocks_convert_fuse_and_fold():
         isinstance(m, (nn.BatchNorm2d, batchnorm.tools.ChannelAffine)) for m in folded.modules()
     )
     torch.testing.assert_close(folded(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+class _TimmBasicBlock(nn.Module):
+    """timm's ResNet BasicBlock wiring: ``drop_block`` (an ``nn.Identity`` when DropBlock is off)
+    between ``bn1`` and ``act1``, ``aa`` (an ``nn.Identity``) after ``act1``, then ``act2`` after
+    the residual sum. ``between`` replaces ``drop_block`` for the cases that must stay apart."""
+
+    def __init__(self, c, between=None, tap=False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.drop_block = nn.Identity() if between is None else between
+        self.act1, self.aa = nn.ReLU(inplace=True), nn.Identity()
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.act2, self.tap = nn.ReLU(inplace=True), tap
+
+    def forward(self, x):
+        y = self.drop_block(self.bn1(self.conv1(x)))
+        z = self.bn2(self.conv2(self.aa(self.act1(y)))) + x
+        if self.tap:  # the Identity's output also goes elsewhere: bn1 must stay unfused
+            z = z + y.mean()
+        return self.act2(z)
+
+
+def test_fuse_bn_act_passes_through_identity_calls_between_bn_and_activation():
+    torch.manual_seed(0)
+
+    def blocks():
+        hooked = nn.Identity()
+        hooked.register_forward_hook(lambda m, i, o: o * 2)  # hooks: not understood, left alone
+        return nn.Sequential(
+            _TimmBasicBlock(4),  # bn1 → Identity → ReLU: fused
+            _TimmBasicBlock(4, between=nn.Sequential(nn.Identity(), nn.Identity())),  # a chain
+            _TimmBasicBlock(4, tap=True),
+            _TimmBasicBlock(4, between=hooked),
+            _TimmBasicBlock(4, between=nn.Dropout(0.0)),  # not an Identity: not looked through
+        )
+
+    ref, model = blocks(), blocks()
+    model.load_state_dict(ref.state_dict())
+    fused = batchnorm.fuse_bn_act(model)
+    kinds = {n: type(m) for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert kinds == {f"{i}.bn2": nn.BatchNorm2d for i in range(5)} | {
+        "0.bn1": batchnorm.BatchNormAct2d,
+        "1.bn1": batchnorm.BatchNormAct2d,
+        "2.bn1": nn.BatchNorm2d,
+        "3.bn1": nn.BatchNorm2d,
+        "4.bn1": nn.BatchNorm2d,
+    }
+    assert fused.get_submodule("0.bn1").activation == "relu"
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    for training in (True, False):
+        fused.train(training), ref.train(training)
+        out, want = fused(x), ref(x2)
+        torch.testing.assert_close(out, want)
+        out.square().sum().backward(), want.square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for (n, a), (_, b) in zip(fused.named_buffers(), ref.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=n)
+    folded = batchnorm.fold_batchnorm(fused)  # the fused layers fold into conv1 as before
+    assert not any(
+        isinstance(m, (nn.BatchNorm2d, batchnorm.tools.ChannelAffine)) for m in folded.modules()
+    )
+    torch.testing.assert_close(folded(x), ref(x2), rtol=1e-5, atol=1e-5)

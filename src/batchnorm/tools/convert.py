@@ -163,6 +163,22 @@ def _graph_activation(node: fx.Node, bn_node: fx.Node, root: nn.Module):
     return None
 
 
+def _past_identities(node: fx.Node, root: nn.Module) -> fx.Node:
+    """``node``, or the last of a chain of ``nn.Identity`` calls (exact type, no hooks) that
+    starts at ``node``'s only user and takes only its predecessor's output, each link the only
+    user of the one before: the node whose output is ``node``'s very tensor. timm's ResNet blocks
+    call ``drop_block``, an ``nn.Identity`` unless DropBlock is on, between ``bn1`` and ``act1``."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op != "call_module" or user.args != (node,) or user.kwargs:
+            break
+        mod = root.get_submodule(str(user.target))
+        if type(mod) is not nn.Identity or _has_hooks(mod):
+            break
+        node = user
+    return node
+
+
 def _fuse_in_graph(module: nn.Module) -> nn.Module:
     """The model's fx graph with each remaining BN → activation pair fused (the activation's
     call removed, the BN swapped for a fused layer): a ``GraphModule`` sharing the model's
@@ -178,12 +194,15 @@ def _fuse_in_graph(module: nn.Module) -> nn.Module:
             continue
         bn = gm.get_submodule(node.target)
         fused_cls = _TO_FUSED.get(type(bn))
-        (user,) = node.users
-        spec = _graph_activation(user, node, gm) if fused_cls is not None else None
+        last = _past_identities(node, gm)  # BN → Identity → activation fuses too
+        if len(last.users) != 1:
+            continue
+        (user,) = last.users
+        spec = _graph_activation(user, last, gm) if fused_cls is not None else None
         if spec is None or fused_cls is None or _has_hooks(bn):
             continue
         gm.set_submodule(node.target, _copy_layer(bn, fused_cls, activation=spec[0], **spec[1]))
-        user.replace_all_uses_with(node)
+        user.replace_all_uses_with(last)  # the Identity calls stay: they pass it on unchanged
         gm.graph.erase_node(user)
         changed = True
     if not changed:
@@ -207,7 +226,8 @@ def fuse_bn_act(module: nn.Module) -> nn.Module:
        as torchvision's ``Conv2dNormActivation``): the fused layer takes the BN's place and an
        ``nn.Identity`` the activation's, so every ``state_dict`` key stays the same.
     2. Then, in the model's ``torch.fx`` graph, each BN whose output goes only into an activation
-       (a module, even one shared with other calls as ResNet's ``relu``, or ``F.relu``): the
+       (a module, even one shared with other calls as ResNet's ``relu``, or ``F.relu``), directly
+       or through ``nn.Identity`` calls (timm's ``drop_block`` when off; they stay): the
        activation's call is removed from the graph and the BN swapped. When this finds anything,
        the result is an ``fx.GraphModule`` named like the model, with the same submodules and
        state_dict keys (its ``forward`` is the edited graph); the original object keeps computing
