@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import batchnorm
-from batchnorm.data import best_available, load_dataset
+from batchnorm.research.data import best_available, load_dataset
 
 
 def make_net() -> nn.Module:

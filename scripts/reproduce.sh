@@ -15,7 +15,7 @@ OUT=${OUT:-runs/fig1}
 
 probe() {  # prints the best dataset name; $1=1 allows the MNIST download attempt
     BATCHNORM_NO_DOWNLOAD=$([ "$1" = 1 ] && echo 0 || echo 1) "$PY" -c \
-        'from batchnorm.data import best_available; print(best_available())'
+        'from batchnorm.research.data import best_available; print(best_available())'
 }
 
 echo "== looking for data (MNIST > Fashion-MNIST > digits)"
@@ -39,7 +39,7 @@ echo "== running Figure 1: two sigmoid MLPs (with / without BN), 50,000 steps of
 start=$(date +%s)
 # --overwrite: a second `make reproduce` redoes its own run; a directory holding anything else is
 # refused untouched.
-"$PY" -m batchnorm.cli reproduce fig1 --dataset "$DATASET" --out "$OUT" --overwrite "$@"
+"$PY" -m batchnorm reproduce fig1 --dataset "$DATASET" --out "$OUT" --overwrite "$@"
 echo "== done in $(( $(date +%s) - start )) s"
 echo "   figure: $OUT/fig1.png"
 echo "   open:   $(cd "$OUT" && pwd)/report.html"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from batchnorm import BatchNormBase
-from batchnorm.experiments import ablation
+from batchnorm.research.experiments import ablation
 
 
 def _count(model: nn.Module, kind) -> int:
@@ -20,7 +20,7 @@ def test_six_variants_apply_the_papers_recipe():
     cfg = ablation.Config(
         steps=1000, lr=0.01, weight_decay=5e-4, dropout=0.4, lr_decay=0.5, width=1
     )
-    vs = {v.name: v for v in ablation.variants(cfg)}
+    vs = {v.name: v for v in ablation.arms(cfg, None)}  # the arms do not look at the data
     assert tuple(vs) == ablation.VARIANTS
     models = {k: v.build() for k, v in vs.items()}
     for k, m in models.items():
@@ -51,7 +51,7 @@ def _res(accs, step=100, diverged=False):
     evals = [{"step": step * (i + 1), "test_acc": a} for i, a in enumerate(accs)]
     best = max(evals, key=lambda e: e["test_acc"])
     return {
-        "evals": evals,
+        "records": evals,
         "best_acc": best["test_acc"],
         "best_step": best["step"],
         "final": evals[-1],
@@ -77,7 +77,7 @@ def test_table_counts_steps_to_the_baselines_best_and_the_speedup():
 
 
 def test_quick_run_writes_table_plot_and_summary(tmp_path):
-    from batchnorm.experiments.report import render_report
+    from batchnorm.research.engine.report import render_report
 
     cfg = ablation.Config.quick()
     s = ablation.run(cfg, tmp_path, quiet=True)
@@ -106,7 +106,7 @@ def test_quick_run_writes_table_plot_and_summary(tmp_path):
 
 def test_inception_net_he_init_keeps_the_signal_alive():
     """Without BN, 13 conv layers with He init keep activations O(1) (torch's default shrinks them)."""
-    from batchnorm.experiments.models import InceptionNet
+    from batchnorm.research.experiments.models import InceptionNet
 
     m = InceptionNet(bn=False, width=2).eval()
     x = torch.rand(16, 1, 28, 28)

@@ -1,4 +1,4 @@
-"""Random rotation / shear / zoom on image batches (batchnorm.data.augment)."""
+"""Random rotation / shear / zoom on image batches (batchnorm.research.data.augment)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchnorm.data.augment import affine_matrices, apply_affine, random_affine
+from batchnorm.research.data.augment import affine_matrices, apply_affine, random_affine
 
 
 def _blobs(n: int = 8) -> torch.Tensor:

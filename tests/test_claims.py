@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchnorm.experiments import claims
-from batchnorm.experiments.models import DeepMLP
+from batchnorm.research.experiments import claims
+from batchnorm.research.experiments.models import DeepMLP
 
 VERDICTS = {"reproduced", "partly", "not reproduced"}
 
@@ -97,7 +97,7 @@ def test_default_sweeps_span_the_required_ranges():
 
 
 def test_quick_run_writes_every_claims_plot_and_verdict(tmp_path):
-    from batchnorm.experiments.report import render_report
+    from batchnorm.research.engine.report import render_report
 
     s = claims.run(claims.Config.quick(), tmp_path, quiet=True)
     on_disk = json.loads((tmp_path / "summary.json").read_text())

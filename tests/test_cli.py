@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from batchnorm import cli
+from batchnorm.research import cli
 
 
 def _fails(capsys, argv, *needles, status=2):
@@ -40,7 +40,6 @@ def test_unknown_experiment_lists_choices(capsys):
         (["--steps", "0"], "steps must be a positive integer"),
         (["--lr", "-1"], "lr must be a positive number"),
         (["--batch-size", "1"], "batch_size must be at least 2"),
-        (["--checkpoint-every", "7"], "multiple of eval_every"),
     ],
 )
 def test_bad_values_get_clear_errors(capsys, tmp_path, argv, needle):
@@ -108,8 +107,6 @@ def test_quick_run_end_to_end_then_report(capsys, tmp_path):
             "100",
             "--eval-every",
             "50",
-            "--checkpoint-every",
-            "100",
             "--seed",
             "3",
             "--out",
@@ -129,23 +126,3 @@ def test_quick_run_end_to_end_then_report(capsys, tmp_path):
     (out / "report.html").unlink()
     assert cli.main(["report", str(out)]) == 0
     assert (out / "report.html").stat().st_size > 10_000
-
-
-def test_extra_subcommand_hook(monkeypatch, capsys):
-    import argparse
-    import sys
-    import types
-
-    mod = types.ModuleType("fake_diag")
-
-    def register(sub):
-        p = sub.add_parser("diagnose", help="fake")
-        p.add_argument("--n", type=int, default=1)
-        p.set_defaults(func=lambda args: print(f"diagnosed {args.n}") or 0)
-
-    mod.register = register
-    monkeypatch.setitem(sys.modules, "fake_diag", mod)
-    monkeypatch.setitem(cli.EXTRA_COMMANDS, "diagnose", "fake_diag:register")
-    assert cli.main(["diagnose", "--n", "4"]) == 0
-    assert "diagnosed 4" in capsys.readouterr().out
-    assert isinstance(cli.build_parser(["report", "x"]), argparse.ArgumentParser)

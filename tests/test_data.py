@@ -1,4 +1,4 @@
-"""batchnorm.data: IDX round trips, every malformed-file case, source search order, fast download failure."""
+"""batchnorm.research.data: IDX round trips, every malformed-file case, source search order, fast download failure."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.data import (
+from batchnorm.research.data import (
     DataNotFoundError,
     IDXError,
     best_available,

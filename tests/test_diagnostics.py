@@ -17,6 +17,7 @@ from batchnorm.diagnostics import (
     health_table,
     internal_covariate_shift,
 )
+from batchnorm.research.engine.plots import plot_tracker
 
 
 def mlp(bn: bool = False, seed: int = 0, dropout: float = 0.0) -> nn.Sequential:
@@ -134,7 +135,7 @@ def test_tracker_removes_hooks_even_on_exception(tmp_path):
         raise RuntimeError("boom")
     assert _hook_count(model) == 0
     assert tr.results()["layers"]["2"]["steps"] == [0]  # what was recorded stays readable
-    assert tr.plot(tmp_path / "p.png").stat().st_size > 0
+    assert plot_tracker(tr.results(), tmp_path / "p.png").stat().st_size > 0
 
 
 def test_tracker_rejects_bad_arguments():
@@ -275,9 +276,9 @@ def test_tracker_plot_format_follows_the_suffix(tmp_path):
     model = mlp()
     with ActivationTracker(model) as tr:
         model(batch()[0])
-    assert tr.plot(tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert tr.plot(tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
-    assert tr.plot(tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    assert plot_tracker(tr.results(), tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_tracker(tr.results(), tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
+    assert plot_tracker(tr.results(), tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "p.pdf",
         "p.png",

@@ -7,20 +7,14 @@ import math
 
 import pytest
 
-from batchnorm.diagnostics import diagnose as D
+from batchnorm.research.experiments import diagnose as D
 
 
 def _diagnose_cli(argv: list[str]) -> int:
-    """`batchnorm diagnose ARGS` through the subcommand hook cli.EXTRA_COMMANDS registers."""
-    import argparse
+    """`batchnorm reproduce diagnose ARGS` (diagnose is registered once, like every experiment)."""
+    from batchnorm.research import cli
 
-    from batchnorm import cli
-
-    assert cli.EXTRA_COMMANDS["diagnose"] == "batchnorm.diagnostics.diagnose:add_command"
-    parser = argparse.ArgumentParser(prog="batchnorm")
-    D.add_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["diagnose", *argv])
-    return args.func(args)
+    return cli.main(["reproduce", "diagnose", *argv])
 
 
 def test_diagnose_cli_writes_run_directory_with_summary_keys(tmp_path, capsys):
@@ -75,8 +69,8 @@ def test_diagnose_networks_share_initial_weights_and_measure_reproducibly(model)
     from torch import nn
 
     cfg = D.Config(model=model, seed=3)
-    nets, start = D.build_networks(cfg)
-    assert start == 0
+    nets = {arm: D.build_network(cfg, arm) for arm in D.ARMS}
+    assert D.start_step(cfg) == 0
     layers = {
         arm: [m for m in net.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
         for arm, net in nets.items()
@@ -85,11 +79,11 @@ def test_diagnose_networks_share_initial_weights_and_measure_reproducibly(model)
         assert torch.equal(a.weight, b.weight)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 1, 28, 28, generator=g)
-    x = D._inputs(cfg, x)
+    x = x.flatten(1) if model == "mlp" else x
     y = torch.randint(0, 10, (16,), generator=g)
     args = ([(x, y)], cfg.learning_rate(), [0.1, 0.4], x[:8], y[:8])
     first = D.measure(nets["bn"], *args)
-    again = D.measure(D.build_networks(cfg)[0]["bn"], *args)
+    again = D.measure(D.build_network(cfg, "bn"), *args)
     assert first == again
     assert math.isfinite(first["landscape"]["effective_beta"])
 
@@ -115,8 +109,8 @@ def test_diagnose_config_rejects_bad_values():
 def test_diagnose_from_a_fig1_run_directory(tmp_path):
     import torch
 
-    from batchnorm.experiments import fig1
-    from batchnorm.experiments.runner import atomic_write_json
+    from batchnorm.research.engine.runner import atomic_write_json
+    from batchnorm.research.experiments import fig1
 
     run = tmp_path / "fig1"
     run.mkdir()

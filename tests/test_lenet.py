@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from batchnorm.experiments import conv_training as T
-from batchnorm.experiments import lenet
-from batchnorm.experiments.runner import read_metrics
+from batchnorm.research.engine import loop
+from batchnorm.research.engine.runner import read_metrics
+from batchnorm.research.experiments import lenet
 
 SUMMARY_KEYS = {
     "experiment",
@@ -44,7 +44,7 @@ def _small(**kw) -> lenet.Config:
 
 
 def test_quick_run_writes_the_run_directory(tmp_path):
-    from batchnorm.experiments.report import render_report
+    from batchnorm.research.engine.report import render_report
 
     cfg = lenet.Config.quick()
     s = lenet.run(cfg, tmp_path, quiet=True)
@@ -71,7 +71,7 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(tmp_path, monke
     full = lenet.run(cfg, tmp_path / "full", quiet=True)
 
     calls = {"n": 0}
-    real = lenet.save_checkpoint
+    real = loop.save_checkpoint
 
     def dying(*a, **kw):
         real(*a, **kw)
@@ -79,10 +79,10 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(tmp_path, monke
         if calls["n"] == 4:  # mid-way through the second net (BN), after its first epoch
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(lenet, "save_checkpoint", dying)
+    monkeypatch.setattr(loop, "save_checkpoint", dying)
     with pytest.raises(KeyboardInterrupt):
         lenet.run(cfg, tmp_path / "cut", quiet=True)
-    monkeypatch.setattr(lenet, "save_checkpoint", real)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
     assert not (tmp_path / "cut" / "summary.json").exists()
     resumed = lenet.run(cfg, tmp_path / "cut", resume=True, quiet=True)
     for name in lenet.VARIANTS:
@@ -91,8 +91,8 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(tmp_path, monke
         assert a["train_acc"] == b["train_acc"], name
         assert a["test_loss"] == b["test_loss"], name
     recs = read_metrics(tmp_path / "cut" / "metrics.jsonl")
-    assert [(r["variant"], r["step"]) for r in recs] == [
-        (r["variant"], r["step"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [(r["arm"], r["step"]) for r in recs] == [
+        (r["arm"], r["step"]) for r in read_metrics(tmp_path / "full" / "metrics.jsonl")
     ]
 
 
@@ -105,7 +105,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 def test_variants_follow_the_study_design():
     cfg = lenet.Config(dropout=0.3, recipe_lr_mult=5.0, lr=0.02)
-    vs = {v.name: v for v in lenet.variants(cfg)}
+    data = lenet.load(dataclasses.replace(cfg, dataset="digits"))
+    vs = {v.name: v for v in lenet.arms(cfg, data)}
     assert list(vs) == list(lenet.VARIANTS)
     drop = {
         k: [m.p for m in v.build().modules() if isinstance(m, torch.nn.Dropout)]
@@ -114,7 +115,7 @@ def test_variants_follow_the_study_design():
     assert drop == {"no-BN": [0.3, 0.3], "BN": [0.3, 0.3], "BN-recipe": [0.0, 0.0]}
     assert vs["BN-recipe"].lr(0) == pytest.approx(5 * vs["BN"].lr(0)) and vs["BN"].lr(0) == 0.02
     assert all(not v.augment.off for v in vs.values())
-    torch_bn = lenet.variants(dataclasses.replace(cfg, bn_impl="torch"))[1].build()
+    torch_bn = lenet.arms(dataclasses.replace(cfg, bn_impl="torch"), data)[1].build()
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in torch_bn.modules()) == 2
 
 
@@ -127,7 +128,7 @@ def test_bad_config_raises_value_error(kw):
 def test_every_config_field_has_help_and_becomes_a_cli_option():
     import argparse
 
-    from batchnorm.cli import add_config_options
+    from batchnorm.research.cli import add_config_options
 
     for f in dataclasses.fields(lenet.Config):
         assert f.metadata.get("help"), f.name
@@ -137,14 +138,3 @@ def test_every_config_field_has_help_and_becomes_a_cli_option():
     assert (args.bn_impl, args.epochs, args.train_subset) == ("torch", 3, 100)
     with pytest.raises(SystemExit):
         p.parse_args(["--bn-impl", "nope"])
-
-
-def test_batches_are_a_reshuffled_partition_per_epoch():
-    b = T.Batches(10, 3, seed=0, tag="x")
-    epoch0 = torch.cat([b.indices(s) for s in range(3)])
-    epoch1 = torch.cat([b.indices(s) for s in range(3, 6)])
-    assert len(set(epoch0.tolist())) == 9 and len(set(epoch1.tolist())) == 9
-    assert not torch.equal(epoch0, epoch1)
-    assert torch.equal(T.Batches(10, 3, seed=0, tag="x").indices(4), b.indices(4))
-    with pytest.raises(ValueError, match="batch_size"):
-        T.Batches(2, 3, seed=0, tag="x")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from batchnorm import BatchNorm1d, BatchNorm2d, BatchNormBase
-from batchnorm.experiments.models import DeepMLP, InceptionNet, LeNet, count_bn_layers
+from batchnorm.research.experiments.models import DeepMLP, InceptionNet, LeNet, count_bn_layers
 
 
 def _bn_follows_and_no_bias(model: nn.Module) -> int:

@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from batchnorm.experiments import fig1
-from batchnorm.experiments.report import render_report
-from batchnorm.experiments.runner import read_json
+from batchnorm.research.engine.report import render_report
+from batchnorm.research.engine.runner import read_json
+from batchnorm.research.experiments import fig1
 
 CHROMIUM = shutil.which("chromium") or (
     "/usr/bin/chromium" if shutil.os.path.exists("/usr/bin/chromium") else None
@@ -21,7 +21,7 @@ CHROMIUM = shutil.which("chromium") or (
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("rep")
-    cfg = fig1.Config(dataset="digits", steps=100, eval_every=50, checkpoint_every=100, workers=1)
+    cfg = fig1.Config(dataset="digits", steps=100, eval_every=50, workers=1)
     fig1.run(cfg, out, quiet=True)
     render_report(out)
     return out

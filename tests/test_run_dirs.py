@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.experiments import runner
+from batchnorm.research.engine import runner
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
@@ -132,7 +132,7 @@ def test_an_empty_or_missing_directory_is_used(tmp_path):
 
 
 def test_the_cli_refuses_a_foreign_out_and_offers_the_flags(tmp_path, capsys):
-    from batchnorm import cli
+    from batchnorm.research import cli
 
     (tmp_path / "mine.txt").write_text("x")
     before = _snapshot(tmp_path)
@@ -146,7 +146,7 @@ def test_the_cli_refuses_a_foreign_out_and_offers_the_flags(tmp_path, capsys):
 
 def test_cli_version(capsys):
     import batchnorm
-    from batchnorm import cli
+    from batchnorm.research import cli
 
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
@@ -157,7 +157,7 @@ def test_cli_version(capsys):
 
 
 def test_a_missing_data_dir_is_an_error_before_the_run_directory_is_made(tmp_path, capsys):
-    from batchnorm import cli
+    from batchnorm.research import cli
 
     out = tmp_path / "run"
     rc = cli.main(
@@ -179,7 +179,7 @@ def test_a_missing_data_dir_is_an_error_before_the_run_directory_is_made(tmp_pat
 
 _ORPHAN_SCRIPT = """
 import multiprocessing as mp, os, sys, time
-from batchnorm.experiments.runner import die_with_parent
+from batchnorm.research.engine.runner import die_with_parent
 
 def work(path):
     die_with_parent()
@@ -226,8 +226,8 @@ def test_a_worker_dies_with_its_parent_even_on_sigkill(tmp_path):
 
 
 def test_quick_says_what_data_and_scale_it_uses(tmp_path, capsys):
-    from batchnorm import cli
-    from batchnorm.experiments import fig1
+    from batchnorm.research import cli
+    from batchnorm.research.experiments import fig1
 
     rc = cli.main(["reproduce", "fig1", "--quick", "--out", str(tmp_path / "q"), "--quiet"])
     err = capsys.readouterr().err
@@ -239,7 +239,7 @@ def test_quick_says_what_data_and_scale_it_uses(tmp_path, capsys):
 
 
 def test_a_typo_in_a_subcommand_option_shows_that_subcommands_usage(capsys):
-    from batchnorm import cli
+    from batchnorm.research import cli
 
     with pytest.raises(SystemExit) as e:
         cli.main(["reproduce", "fig1", "--stpes", "5"])

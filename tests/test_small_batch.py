@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from batchnorm.experiments import load_experiment
-from batchnorm.experiments.report import render_report
+from batchnorm.research.engine.report import render_report
+from batchnorm.research.experiments import load_experiment
 
 
 @pytest.mark.distributed

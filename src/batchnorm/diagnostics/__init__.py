@@ -15,7 +15,7 @@ None of them changes the model's weights, buffers or the optimizer's state.
 from .health import bn_health, bn_layers, health_table
 from .ics import default_ics_layers, forward_order, internal_covariate_shift
 from .landscape import gradient_landscape
-from .tracker import ACTIVATIONS, ActivationTracker, plot_percentile_runs
+from .tracker import ACTIVATIONS, ActivationTracker
 
 __all__ = [
     "ACTIVATIONS",
@@ -27,5 +27,4 @@ __all__ = [
     "gradient_landscape",
     "health_table",
     "internal_covariate_shift",
-    "plot_percentile_runs",
 ]

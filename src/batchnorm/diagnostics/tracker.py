@@ -17,16 +17,13 @@ recorded step are kept. Percentiles use ``torch.quantile`` (linear interpolation
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ActivationTracker", "ACTIVATIONS", "plot_percentile_runs"]
+__all__ = ["ActivationTracker", "ACTIVATIONS"]
 
 # Modules whose input is a pre-activation.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -57,7 +54,7 @@ class ActivationTracker:
         with ActivationTracker(model, every=50) as tracker:
             for x, y in loader:
                 loss = F.cross_entropy(model(x), y); ...
-        tracker.results(); tracker.plot("percentiles.png")
+        tracker.results()
 
     A *step* is one forward call of ``model`` in training mode (``model.training``); eval-mode
     calls are not counted or recorded unless ``train_only=False``. Steps 0, every, 2·every, ...
@@ -191,6 +188,29 @@ class ActivationTracker:
             values = values[keep.to(values.device)]
         return values.float().cpu().clone()
 
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded so far, as tensors and plain data (a checkpoint that loads with
+        ``torch.load(weights_only=True)``), so an interrupted run can go on recording."""
+        return {
+            "step": self.step,
+            "records": {n: {k: list(v) for k, v in r.items()} for n, r in self._records.items()},
+            "unit_index": dict(self._unit_index),
+            "generator": self._gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a tracker on the same layers."""
+        if set(state["records"]) != set(self._records):
+            raise ValueError(
+                f"the saved tracker watched layers {sorted(state['records'])}, this one "
+                f"{sorted(self._records)}; create it with the same model and layers"
+            )
+        self.step = int(state["step"])
+        self._records = {n: {k: list(v) for k, v in r.items()} for n, r in state["records"].items()}
+        self._unit_index = dict(state["unit_index"])
+        self._gen.set_state(state["generator"])
+
     # ------------------------------------------------------------------ output
     def results(self) -> dict[str, Any]:
         """JSON-ready: ``{"percentiles": [...], "every": n, "layers": {name: {...}}}``."""
@@ -215,51 +235,6 @@ class ActivationTracker:
         if not self.keep_values:
             raise ValueError("values were not kept; create the tracker with keep_values=True")
         return list(self._records[name]["values"])
-
-    def plot(self, path: str | os.PathLike, layers: Iterable[str] | None = None) -> Path:
-        """One panel per layer: the percentile curves over steps (Figure 1(b, c) style)."""
-        names = list(layers) if layers is not None else list(self._records)
-        unknown = [n for n in names if n not in self._records]
-        if unknown:
-            raise ValueError(f"unknown layers {unknown}; tracked layers: {list(self._records)}")
-        res = self.results()
-        return plot_percentile_runs({n: res["layers"][n] for n in names}, res["percentiles"], path)
-
-
-def plot_percentile_runs(
-    panels: dict[str, dict[str, Any]],
-    percentiles: Sequence[float],
-    path: str | os.PathLike,
-    *,
-    title: str | None = None,
-    cols: int = 3,
-) -> Path:
-    """Plot ``{panel title: layer record}`` (records as in ``results()["layers"]``) side by side."""
-    from ..experiments.report import pyplot, save_figure  # matplotlib only when plotting
-
-    plt = pyplot()
-    path = Path(path)
-    n = max(len(panels), 1)
-    cols = max(1, min(n, cols))
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, (label, rec) in zip(axes.flat, panels.items(), strict=False):
-        steps = rec["steps"]
-        pct = list(zip(*rec["percentiles"], strict=True)) if rec["percentiles"] else []
-        for p, series in zip(percentiles, pct, strict=False):  # no curves before any record
-            ax.plot(steps, series, label=f"{p:g}th", lw=1.2)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    axes.flat[0].set_ylabel("pre-activation")
-    if axes.flat[0].lines:
-        axes.flat[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 def _select_layers(

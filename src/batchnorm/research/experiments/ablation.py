@@ -9,14 +9,19 @@ Baseline's best test accuracy, max test accuracy, and the speed-up over the Base
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import conv_training as T
-from .models import InceptionNet
-from .report import Claim, Figure, ReportSections, Table, pyplot, save_figure
-from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_checkpoint
+from ..data.augment import Augment
+from ..engine.config import RunConfig, load_tensor_data
+from ..engine.data import TensorData
+from ..engine.launch import run_experiment
+from ..engine.loop import Arm, every
+from ..engine.plots import pyplot, save_figure
+from ..engine.report import Claim, Figure, ReportSections, Table, pct
+from ..engine.runner import option
+from .models import BN_IMPLS, InceptionNet, with_bn_impl
 
 NAME = "ablation"
 VARIANTS = ("Baseline", "Baseline-Sigmoid", "BN-Baseline", "BN-x5", "BN-x30", "BN-x5-Sigmoid")
@@ -34,7 +39,7 @@ _h = option
 
 
 @dataclass
-class Config(T.DataConfig):
+class Config(RunConfig):
     """Settings of the ablation; the default budget fits ~25 min on 2 shared cores (see docs)."""
 
     steps: int = field(default=2000, metadata=_h("training steps per variant (the shared budget)"))
@@ -60,17 +65,13 @@ class Config(T.DataConfig):
     zoom: float = field(default=0.1, metadata=_h("augmentation: max relative zoom (recipe: half)"))
     bn_impl: str = field(
         default="batchnorm",
-        metadata=_h(
-            "BN code: this package's layers (compiled kernels), the same on the reference equations, "
-            "or torch.nn",
-            choices=list(T.BN_IMPLS),
-        ),
+        metadata=_h("BN layers: this package's or torch.nn's", choices=list(BN_IMPLS)),
     )
-    seed: int = field(default=0, metadata=_h("random seed"))
 
     def __post_init__(self) -> None:
-        if self.bn_impl not in T.BN_IMPLS:
-            raise ValueError(f"bn_impl must be one of {T.BN_IMPLS}, got {self.bn_impl!r}")
+        super().__post_init__()
+        if self.bn_impl not in BN_IMPLS:
+            raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {self.bn_impl!r}")
         for name in ("steps", "batch_size", "width", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -85,12 +86,14 @@ class Config(T.DataConfig):
         return cls(dataset="digits", steps=20, eval_every=10, width=2, eval_examples=0)
 
 
-def variants(cfg: Config) -> list[T.Variant]:
+def load(cfg: Config) -> TensorData:
+    return load_tensor_data(cfg).subset(test=cfg.eval_examples, seed=cfg.seed)
+
+
+def arms(cfg: Config, data: TensorData) -> list[Arm]:
     """The six variants of Section 4.2 (Inception → Baseline), scaled."""
-    aug, light = (
-        T.Augment(cfg.rotation, cfg.shear, cfg.zoom),
-        T.Augment(cfg.rotation, cfg.shear, cfg.zoom).scaled(0.5),
-    )
+    aug = Augment(cfg.rotation, cfg.shear, cfg.zoom)
+    light = aug.scaled(0.5)
     n = cfg.steps
 
     def base_lr(s: int) -> float:
@@ -99,26 +102,27 @@ def variants(cfg: Config) -> list[T.Variant]:
     def fast_lr(mult: float):
         return lambda s: mult * cfg.lr * cfg.lr_decay ** (6 * s / n)  # decay 6x faster
 
-    def net(bn: bool, act: str, recipe: bool):
-        return T.with_bn_impl(
-            lambda: InceptionNet(
-                bn=bn,
-                activation=act,
-                lrn=not recipe,
-                dropout=0.0 if recipe else cfg.dropout,
-                width=cfg.width,
-            ),
-            cfg.bn_impl,
-        )
+    def arm(name: str, bn: bool, act: str, recipe: bool, lr, wd: float, augment: Augment) -> Arm:
+        dropout = 0.0 if recipe else cfg.dropout
 
-    wd, m = cfg.weight_decay, cfg.momentum
+        def build():
+            return InceptionNet(
+                bn=bn, activation=act, lrn=not recipe, dropout=dropout, width=cfg.width
+            )
+
+        return Arm(
+            name, with_bn_impl(build, cfg.bn_impl), n, cfg.batch_size, lr, cfg.momentum, wd,
+            augment, evals=every(cfg.eval_every, n),
+        )  # fmt: skip
+
+    wd = cfg.weight_decay
     return [
-        T.Variant("Baseline", net(False, "relu", False), base_lr, m, wd, aug),
-        T.Variant("Baseline-Sigmoid", net(False, "sigmoid", False), base_lr, m, wd, aug),
-        T.Variant("BN-Baseline", net(True, "relu", False), base_lr, m, wd, aug),
-        T.Variant("BN-x5", net(True, "relu", True), fast_lr(5), m, wd / 5, light),
-        T.Variant("BN-x30", net(True, "relu", True), fast_lr(30), m, wd / 5, light),
-        T.Variant("BN-x5-Sigmoid", net(True, "sigmoid", True), fast_lr(5), m, wd / 5, light),
+        arm("Baseline", False, "relu", False, base_lr, wd, aug),
+        arm("Baseline-Sigmoid", False, "sigmoid", False, base_lr, wd, aug),
+        arm("BN-Baseline", True, "relu", False, base_lr, wd, aug),
+        arm("BN-x5", True, "relu", True, fast_lr(5), wd / 5, light),
+        arm("BN-x30", True, "relu", True, fast_lr(30), wd / 5, light),
+        arm("BN-x5-Sigmoid", True, "sigmoid", True, fast_lr(5), wd / 5, light),
     ]
 
 
@@ -133,7 +137,7 @@ def table(results: dict[str, dict]) -> list[dict]:
     target, base_steps = base["best_acc"], base["best_step"]
     rows = []
     for name, r in results.items():
-        s = steps_to(r["evals"], target)
+        s = steps_to(r["records"], target)
         rows.append(
             {
                 "variant": name,
@@ -150,56 +154,37 @@ def table(results: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def run(
-    cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False, quiet: bool = False
-) -> dict:
-    """Train the six variants for ``cfg.steps`` each; table, Figure-2 plot, summary."""
-    clock = Stopwatch()
-    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
-    ds, tx, ty, vx, vy = T.load_data(
-        cfg.dataset, cfg.data_dir, test_subset=cfg.eval_examples, seed=cfg.seed
-    )
-    with T.bn_impl(cfg.bn_impl):
-        results = T.train_variants(
-            out,
-            variants(cfg),
-            (tx, ty, vx, vy),
-            steps=cfg.steps,
-            eval_every=cfg.eval_every,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            resume=resume,
-            quiet=quiet,
-            save_checkpoint=save_checkpoint,
-        )
+def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
     curves = {
         k: {
-            "step": [e["step"] for e in r["evals"]],
-            "test_acc": [e["test_acc"] for e in r["evals"]],
+            "step": [e["step"] for e in r["records"]],
+            "test_acc": [e["test_acc"] for e in r["records"]],
         }
         for k, r in results.items()
     }
-    summary = {
-        "experiment": NAME,
-        "dataset": ds.name,
-        "data_source": ds.source,
-        "train_examples": len(tx),
-        "test_examples": len(vx),
+    return {
+        "train_examples": data.n_train,
+        "test_examples": len(data.test_x),
         "baseline_best_acc": results["Baseline"]["best_acc"],
         "baseline_best_step": results["Baseline"]["best_step"],
         "table": table(results),
         "curves": curves,
         "paper": PAPER,
         "wall_seconds": sum(r["wall_seconds"] for r in results.values()),
-        "session_seconds": clock.elapsed,
-        "config": dataclasses.asdict(cfg),
     }
-    plot(summary, out / "ablation_accuracy.png")
-    atomic_write_json(out / "summary.json", T.jsonable(summary))
-    return summary
 
 
-def plot(summary: dict, path: Path) -> None:
+def run(
+    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:  # fmt: skip
+    """Train the six variants for ``cfg.steps`` each; table, Figure-2 plot, summary."""
+    return run_experiment(
+        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
+    )
+
+
+def plot(summary: dict, out: Path) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -219,11 +204,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_title(f"Small Inception net on {summary['dataset']} (cf. the paper's Figure 2)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    save_figure(fig, path)
-
-
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
+    save_figure(fig, out / "ablation_accuracy.png")
 
 
 def _rows(summary: dict) -> list[list[str]]:
@@ -231,7 +212,7 @@ def _rows(summary: dict) -> list[list[str]]:
         [
             r["variant"],
             str(r["steps_to_baseline_best"] or "—"),
-            _pct(r["max_test_acc"]),
+            pct(r["max_test_acc"]),
             "—" if r["speedup"] is None else f"{r['speedup']:.1f}x",
             f"{r['ms_per_step']:.0f}",
         ]
@@ -240,7 +221,9 @@ def _rows(summary: dict) -> list[list[str]]:
 
 
 def describe(summary: dict) -> str:
-    head = f"Baseline best {_pct(summary['baseline_best_acc'])} at step {summary['baseline_best_step']}"
+    head = (
+        f"Baseline best {pct(summary['baseline_best_acc'])} at step {summary['baseline_best_step']}"
+    )
     lines = [
         head,
         f"{'variant':17s} {'steps to it':>11s} {'max acc':>8s} {'speed-up':>8s} {'ms/step':>7s}",
@@ -273,13 +256,13 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
         Claim(
             "BN-x30 reaches the highest accuracy",
             "74.8% vs 72.2%",
-            f"best: {best} ({_pct(t[best]['max_test_acc'])}); BN-x30 {_pct(x30['max_test_acc'])}",
+            f"best: {best} ({pct(t[best]['max_test_acc'])}); BN-x30 {pct(x30['max_test_acc'])}",
             "consistent" if best == "BN-x30" else "not reproduced",
         ),
         Claim(
             "without BN, the sigmoid net does not train; with BN it does",
             "<0.1% vs 69.8%",
-            f"{_pct(t['Baseline-Sigmoid']['max_test_acc'])} vs {_pct(t['BN-x5-Sigmoid']['max_test_acc'])}",
+            f"{pct(t['Baseline-Sigmoid']['max_test_acc'])} vs {pct(t['BN-x5-Sigmoid']['max_test_acc'])}",
             "consistent"
             if t["BN-x5-Sigmoid"]["max_test_acc"] > t["Baseline-Sigmoid"]["max_test_acc"] + 0.1
             else "not reproduced",

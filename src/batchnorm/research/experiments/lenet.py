@@ -8,14 +8,19 @@ paper's Section 4.2 recipe (learning rate ×5, no dropout).
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import conv_training as T
-from .models import LeNet, count_bn_layers
-from .report import Claim, Figure, ReportSections, Table, pyplot, save_figure
-from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_checkpoint
+from ..data.augment import Augment
+from ..engine.config import RunConfig, load_tensor_data
+from ..engine.data import TensorData
+from ..engine.launch import run_experiment
+from ..engine.loop import Arm, every
+from ..engine.plots import pyplot, save_figure
+from ..engine.report import Claim, Figure, ReportSections, Table, pct
+from ..engine.runner import option
+from .models import BN_IMPLS, LeNet, count_bn_layers, with_bn_impl
 
 NAME = "lenet"
 VARIANTS = ("no-BN", "BN", "BN-recipe")
@@ -29,7 +34,7 @@ _h = option
 
 
 @dataclass
-class Config(T.DataConfig):
+class Config(RunConfig):
     """Settings of the LeNet study (defaults: the published run's 20 epochs at batch 128)."""
 
     epochs: int = field(default=20, metadata=_h("training epochs per net"))
@@ -50,19 +55,13 @@ class Config(T.DataConfig):
     train_subset: int = field(default=0, metadata=_h("train on this many examples (0: all)"))
     bn_impl: str = field(
         default="batchnorm",
-        metadata=_h(
-            "BN code: this package's layers (compiled kernels), the same on the reference equations, "
-            "or torch.nn",
-            choices=list(T.BN_IMPLS),
-        ),
-    )
-    seed: int = field(
-        default=0, metadata=_h("random seed (init, data order, augmentation, dropout)")
+        metadata=_h("BN layers: this package's or torch.nn's", choices=list(BN_IMPLS)),
     )
 
     def __post_init__(self) -> None:
-        if self.bn_impl not in T.BN_IMPLS:
-            raise ValueError(f"bn_impl must be one of {T.BN_IMPLS}, got {self.bn_impl!r}")
+        super().__post_init__()
+        if self.bn_impl not in BN_IMPLS:
+            raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {self.bn_impl!r}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -79,43 +78,36 @@ class Config(T.DataConfig):
         return cls(dataset="digits", epochs=2, batch_size=64)
 
 
-def variants(cfg: Config) -> list[T.Variant]:
-    aug = T.Augment(cfg.rotation, cfg.shear, cfg.zoom)
+def load(cfg: Config) -> TensorData:
+    return load_tensor_data(cfg).subset(cfg.train_subset, seed=cfg.seed)
+
+
+def arms(cfg: Config, data: TensorData) -> list[Arm]:
+    """The three nets: no-BN, BN (same settings), BN-recipe (lr x recipe_lr_mult, no dropout)."""
+    spe = data.n_train // cfg.batch_size
+    if spe < 1:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} exceeds the {data.n_train} training examples"
+        )
+    steps = cfg.epochs * spe
+    aug = Augment(cfg.rotation, cfg.shear, cfg.zoom)
     lr, fast = cfg.lr, cfg.lr * cfg.recipe_lr_mult
 
-    def net(bn: bool, dropout: float):
-        return T.with_bn_impl(lambda: LeNet(bn=bn, dropout=dropout), cfg.bn_impl)
+    def arm(name: str, bn: bool, dropout: float, rate: float) -> Arm:
+        build = with_bn_impl(lambda: LeNet(bn=bn, dropout=dropout), cfg.bn_impl)
+        return Arm(
+            name, build, steps, cfg.batch_size, lambda s: rate, cfg.momentum,
+            augment=aug, evals=every(spe, steps),
+        )  # fmt: skip
 
     return [
-        T.Variant("no-BN", net(False, cfg.dropout), lambda s: lr, cfg.momentum, augment=aug),
-        T.Variant("BN", net(True, cfg.dropout), lambda s: lr, cfg.momentum, augment=aug),
-        T.Variant("BN-recipe", net(True, 0.0), lambda s: fast, cfg.momentum, augment=aug),
+        arm("no-BN", False, cfg.dropout, lr),
+        arm("BN", True, cfg.dropout, lr),
+        arm("BN-recipe", True, 0.0, fast),
     ]
 
 
-def run(
-    cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False, quiet: bool = False
-) -> dict:
-    """Train the three nets for ``cfg.epochs`` each; write metrics, checkpoint, plot, summary."""
-    clock = Stopwatch()
-    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
-    ds, tx, ty, vx, vy = T.load_data(cfg.dataset, cfg.data_dir, cfg.train_subset, seed=cfg.seed)
-    spe = len(tx) // cfg.batch_size
-    if spe < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(tx)} training examples")
-    with T.bn_impl(cfg.bn_impl):
-        results = T.train_variants(
-            out,
-            variants(cfg),
-            (tx, ty, vx, vy),
-            steps=cfg.epochs * spe,
-            eval_every=spe,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            resume=resume,
-            quiet=quiet,
-            save_checkpoint=save_checkpoint,
-        )
+def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
     nets = {}
     for name, r in results.items():
         nets[name] = {
@@ -126,31 +118,33 @@ def run(
             "ms_per_step": r["ms_per_step"],
             "steps": r["steps"],
             "diverged": r["diverged"],
-            "epochs": [e["epoch"] for e in r["evals"]],
-            "train_acc": [e["train_acc"] for e in r["evals"]],
-            "test_acc_curve": [e["test_acc"] for e in r["evals"]],
+            "epochs": [e["epoch"] for e in r["records"]],
+            "train_acc": [e["train_acc"] for e in r["records"]],
+            "test_acc_curve": [e["test_acc"] for e in r["records"]],
         }
-    summary = {
-        "experiment": NAME,
-        "dataset": ds.name,
-        "data_source": ds.source,
-        "train_examples": len(tx),
-        "test_examples": len(vx),
-        "steps_per_epoch": spe,
+    return {
+        "train_examples": data.n_train,
+        "test_examples": len(data.test_x),
+        "steps_per_epoch": data.n_train // cfg.batch_size,
         "bn_layers": count_bn_layers(LeNet(bn=True)),
         "nets": nets,
         "bn_step_overhead": nets["BN"]["ms_per_step"] / nets["no-BN"]["ms_per_step"],
         "published": PUBLISHED,
         "wall_seconds": sum(r["wall_seconds"] for r in results.values()),
-        "session_seconds": clock.elapsed,
-        "config": dataclasses.asdict(cfg),
     }
-    plot(summary, out / "lenet_curves.png")
-    atomic_write_json(out / "summary.json", T.jsonable(summary))
-    return summary
 
 
-def plot(summary: dict, path: Path) -> None:
+def run(
+    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:  # fmt: skip
+    """Train the three nets for ``cfg.epochs`` each; write the run directory; the summary."""
+    return run_experiment(
+        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
+    )
+
+
+def plot(summary: dict, out: Path) -> None:
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -163,11 +157,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"LeNet on {summary['dataset']}: with and without BN")
-    save_figure(fig, path)
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
+    save_figure(fig, out / "lenet_curves.png")
 
 
 def _mmss(s: float) -> str:
@@ -178,7 +168,7 @@ def describe(summary: dict) -> str:
     lines = [f"LeNet on {summary['dataset']} ({summary['train_examples']} train examples):"]
     for name, r in summary["nets"].items():
         lines.append(
-            f"  {name:9s} test acc {_pct(r['test_acc'])}  loss {r['test_loss']:.4f}  "
+            f"  {name:9s} test acc {pct(r['test_acc'])}  loss {r['test_loss']:.4f}  "
             f"{r['ms_per_step']:.1f} ms/step  wall {_mmss(r['wall_seconds'])}"
         )
     lines.append(f"  BN time per step / no-BN: {summary['bn_step_overhead']:.2f}x")
@@ -190,9 +180,9 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
     rows = [
         [
             k,
-            _pct(r["test_acc"]),
+            pct(r["test_acc"]),
             f"{r['test_loss']:.4f}",
-            _pct(r["best_test_acc"]),
+            pct(r["best_test_acc"]),
             f"{r['ms_per_step']:.1f}",
             _mmss(r["wall_seconds"]),
         ]
@@ -204,8 +194,8 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
     claims = [
         Claim(
             "BN does not beat no-BN on test accuracy at 20 epochs (seed 003)",
-            f"BN {_pct(p['BN']['test_acc'])} vs no-BN {_pct(p['no-BN']['test_acc'])}",
-            f"BN {_pct(n['BN']['test_acc'])} vs no-BN {_pct(n['no-BN']['test_acc'])}{where}",
+            f"BN {pct(p['BN']['test_acc'])} vs no-BN {pct(p['no-BN']['test_acc'])}",
+            f"BN {pct(n['BN']['test_acc'])} vs no-BN {pct(n['no-BN']['test_acc'])}{where}",
             "differs: BN ahead here" if bn_better else "same direction",
         ),
         Claim(
@@ -217,7 +207,7 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
         Claim(
             "the paper's recipe (higher lr, no dropout) helps a BN net",
             "Section 4.2: BN-x5 beats BN-Baseline",
-            f"BN-recipe {_pct(n['BN-recipe']['test_acc'])} vs BN {_pct(n['BN']['test_acc'])}",
+            f"BN-recipe {pct(n['BN-recipe']['test_acc'])} vs BN {pct(n['BN']['test_acc'])}",
             "consistent" if n["BN-recipe"]["test_acc"] >= n["BN"]["test_acc"] else "not here",
         ),
     ]

@@ -5,21 +5,15 @@ A run directory holds ``config.json`` (the experiment name, its config, library 
 (written atomically every N steps, with every RNG state needed for an exact resume),
 ``summary.json``, ``*.png`` and ``report.html``.
 
-Typical use inside an experiment's ``run``::
-
-    out = prepare_run_dir(out, "fig1", cfg, resume=resume)
-    ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
-    log = MetricsLog(out / "metrics.jsonl", keep=lambda r: r["step"] <= ckpt["step"] if ckpt else False)
-    for step in progress(range(start, cfg.steps), "train", quiet=quiet):
-        ...; log.append({"step": step, "loss": loss})
-        if step % cfg.checkpoint_every == 0:
-            save_checkpoint(out / "checkpoint.pt", step=step, model=model.state_dict())
+The training loop (:mod:`.loop`) and the experiment driver (:mod:`.launch`) use these; an
+experiment module never writes a run directory's files itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import random
@@ -34,7 +28,9 @@ import numpy as np
 import torch
 
 __all__ = [
-    "MetricsLog",
+    "append_record",
+    "keep_records",
+    "jsonable",
     "atomic_save",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -109,23 +105,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------- metrics
-class MetricsLog:
-    """Append-only JSON-lines log. ``keep`` (given on resume) filters the existing records once,
-    dropping what was logged after the checkpoint the run resumes from; without ``keep`` the
-    file is started afresh."""
+def keep_records(path: str | os.PathLike, keep: Callable[[dict], bool]) -> list[dict]:
+    """Rewrite a metrics.jsonl (atomically) with only the records ``keep`` accepts; a resume
+    drops what was logged after the checkpoints it goes on from. Returns the kept records."""
+    path = Path(path)
+    kept = [r for r in read_metrics(path) if keep(r)] if path.exists() else []
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+    return kept
 
-    def __init__(self, path: str | os.PathLike, keep: Callable[[dict], bool] | None = None):
-        self.path = Path(path)
-        old = read_metrics(self.path) if self.path.exists() else []
-        kept = [r for r in old if keep(r)] if keep is not None else []
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        self.records = kept
 
-    def append(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-        self.records.append(record)
+def append_record(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line and flush it to disk before returning: a record is either whole
+    in the file or (after a kill mid-write) a torn last line that :func:`read_metrics` skips."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -381,3 +376,14 @@ class Stopwatch:
     @property
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.t0
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` without tensors (dropped) and with non-finite floats as None, for summary.json."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

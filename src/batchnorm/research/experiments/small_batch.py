@@ -21,35 +21,21 @@ size its BN saw in training (b; 2b for sync; virtual batches of b for ghost).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import datetime
-import os
-import socket
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers import BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, SyncBatchNorm
-from ..tools import recompute_population_stats
-from . import conv_training as T
-from .report import Claim, Figure, ReportSections, Table, pyplot, save_figure
-from .runner import (
-    MetricsLog,
-    Stopwatch,
-    atomic_write_json,
-    die_with_parent,
-    load_checkpoint,
-    option,
-    prepare_run_dir,
-    progress,
-    save_checkpoint,
-)
+from ...layers import BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, SyncBatchNorm
+from ...tools import recompute_population_stats
+from ..engine.config import RunConfig, load_tensor_data
+from ..engine.data import TensorData
+from ..engine.launch import run_experiment
+from ..engine.loop import Arm, evaluate
+from ..engine.plots import pyplot, save_figure
+from ..engine.report import Claim, Figure, ReportSections, Table, pct
+from ..engine.runner import option
 
 NAME = "small-batch"
 METHODS = ("bn", "renorm", "ghost", "sync")
@@ -60,7 +46,7 @@ _h = option
 
 
 @dataclass
-class Config(T.DataConfig):
+class Config(RunConfig):
     """Settings of the small-batch study."""
 
     batch_sizes: str = field(
@@ -87,9 +73,9 @@ class Config(T.DataConfig):
     population_examples: int = field(
         default=4000, metadata=_h("examples for recomputed statistics")
     )
-    seed: int = field(default=0, metadata=_h("random seed (init and data order)"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         sizes = self.sizes()
         if not sizes or min(sizes) < 2:
             raise ValueError(f"batch_sizes must be integers >= 2, got {self.batch_sizes!r}")
@@ -164,157 +150,69 @@ def _step_batch(method: str, b: int, cfg: Config) -> int:
     return {"ghost": cfg.ghost_batch, "sync": 2 * b}.get(method, b)
 
 
-# ---------------------------------------------------------------- training
-def _train_local(method: str, b: int, cfg: Config, tx, ty) -> tuple[nn.Module, int]:
-    sb = _step_batch(method, b, cfg)
-    steps = cfg.epochs * (len(tx) // sb)
-    torch.manual_seed(T.variant_seed(cfg.seed, "init"))  # same init for every run
-    model = make_net(_norm(method, b, cfg, steps))
-    opt = T.sgd(model, cfg.lr * sb / 32, cfg.momentum)
-    batches = T.Batches(len(tx), sb, cfg.seed, "order")
-    model.train()
-    for step in range(steps):
-        idx = batches.indices(step)
-        loss = F.cross_entropy(model(tx[idx]), ty[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model, steps
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sync_worker(
-    rank: int, world: int, port: int, cfg_dict: dict, sizes: list[int], out: str
-) -> None:
-    """One DDP rank: for each b, b examples of each global batch of world·b, SyncBatchNorm."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    die_with_parent()
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-    )
-    try:
-        cfg = Config(**cfg_dict)
-        _, tx, ty, _, _ = T.load_data(
-            cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, seed=cfg.seed
+# ---------------------------------------------------------------- the arms
+def load(cfg: Config) -> TensorData:
+    data = load_tensor_data(cfg).subset(cfg.train_subset, cfg.test_subset, cfg.seed)
+    if max(cfg.ghost_batch, 2 * max(cfg.sizes())) > data.n_train:
+        raise ValueError(
+            f"the {data.n_train} training examples are fewer than one batch; raise train_subset"
         )
-        for b in sizes:
-            t0 = time.perf_counter()
-            sb = world * b
-            steps = cfg.epochs * (len(tx) // sb)
-            torch.manual_seed(T.variant_seed(cfg.seed, "init"))
-            model = DDP(make_net(_norm("sync", b, cfg, steps)))
-            opt = T.sgd(model, cfg.lr * sb / 32, cfg.momentum)
-            batches = T.Batches(len(tx), sb, cfg.seed, "order")
-            model.train()
-            for step in range(steps):
-                idx = batches.indices(step)[rank * b : (rank + 1) * b]  # this rank's share
-                loss = F.cross_entropy(model(tx[idx]), ty[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()  # DDP averages the gradients: the global batch's mean loss
-                opt.step()
-            if rank == 0:
-                torch.save(
-                    {
-                        "state": model.module.state_dict(),
-                        "steps": steps,
-                        "seconds": time.perf_counter() - t0,
-                    },
-                    os.path.join(out, f"b{b}.pt"),
-                )
-        dist.barrier()  # both ranks done before either tears down gloo (a rank leaving early
-        # while its peer is still in a collective can abort the peer)
-    finally:
-        dist.destroy_process_group()
-    # Success: every result is on disk. Leave without the interpreter's and C++ static teardown,
-    # where a still-joinable library thread once aborted a finished worker with SIGABRT
-    # ("terminate called without an active exception"), failing a run that had succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return data
 
 
-def _train_sync(sizes: list[int], cfg: Config) -> dict[int, tuple[nn.Module, int, float]]:
-    """Train the sync nets for every b in one launch of 2 processes: {b: (model, steps, s)}."""
-    import torch.multiprocessing as mp
-
-    out = {}
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_sync_worker, args=(2, _free_port(), dataclasses.asdict(cfg), sizes, d), nprocs=2)
-        for b in sizes:
-            saved = torch.load(os.path.join(d, f"b{b}.pt"), weights_only=True)
-            model = make_net(lambda c: SyncBatchNorm(c))  # no process group here: local BN path
-            model.load_state_dict(saved["state"])
-            out[b] = (model, saved["steps"], saved["seconds"])
+def arms(cfg: Config, data: TensorData) -> list[Arm]:
+    """One arm per (method, batch size): the same initial weights and data order for all; the
+    learning rate scaled linearly with the examples an optimizer step sees."""
+    out = []
+    for method in cfg.method_list():
+        for b in cfg.sizes():
+            sb = _step_batch(method, b, cfg)
+            steps = cfg.epochs * (data.n_train // sb)
+            lr = cfg.lr * sb / 32
+            out.append(Arm(
+                f"{method}-b{b}", lambda m=method, b=b, n=steps: make_net(_norm(m, b, cfg, n)),
+                steps, sb, lambda s, lr=lr: lr, cfg.momentum, init="net", order="data",
+                world=2 if method == "sync" else 1, meta={"method": method, "batch": b},
+                finish=lambda model, m=method, b=b: _population(model, m, b, cfg, data),
+            ))  # fmt: skip
     return out
 
 
-def _accuracy(model: nn.Module, vx, vy) -> float:
-    return T.evaluate(model, vx, vy)["acc"]
-
-
-def run_one(method: str, b: int, cfg: Config, data, trained=None) -> dict:
-    """Train one (method, b) net (or take ``trained`` = (model, steps, seconds)); test accuracy
-    with EMA and with recomputed statistics."""
-    tx, ty, vx, vy = data
-    if trained is None:
-        t0 = time.perf_counter()
-        model, steps = _train_local(method, b, cfg, tx, ty)
-        trained = (model, steps, time.perf_counter() - t0)
-    model, steps, train_s = trained
-    ema_acc = _accuracy(model, vx, vy)
-    pop = copy.deepcopy(model)
-    pb = {"sync": 2 * b, "ghost": cfg.ghost_batch}.get(method, b)  # batches as seen in training
-    n = min(cfg.population_examples, len(tx)) // pb * pb
+def _population(model: nn.Module, method: str, b: int, cfg: Config, data: TensorData) -> dict:
+    """Test accuracy with the EMA statistics and with statistics recomputed (Algorithm 2) over
+    ``population_examples`` training examples in batches of the size BN saw in training."""
+    if method == "sync":  # one process here: plain BN over batches of 2b computes the same
+        pop = make_net(lambda c: BatchNorm2d(c, momentum=cfg.bn_momentum))
+        pop.load_state_dict(model.state_dict())
+    else:
+        pop = copy.deepcopy(model)
+    pb = {"sync": 2 * b, "ghost": cfg.ghost_batch}.get(method, b)
+    n = min(cfg.population_examples, data.n_train) // pb * pb
+    tx = data.train_x
     report = recompute_population_stats(pop, [tx[i : i + pb] for i in range(0, n, pb)])
     return {
-        "method": method,
-        "batch": b,
-        "step_batch": _step_batch(method, b, cfg),
-        "steps": steps,
-        "ema_acc": ema_acc,
-        "recomputed_acc": _accuracy(pop, vx, vy),
+        "ema_acc": evaluate(model, data)["test_acc"],
+        "recomputed_acc": evaluate(pop, data)["test_acc"],
         "ema_mean_shift_std": max(r.max_mean_shift_std for r in report.values()),
         "ema_rel_var_diff": max(r.max_rel_var_diff for r in report.values()),
-        "train_seconds": train_s,
     }
 
 
-def run(
-    cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False, quiet: bool = False
-) -> dict:
-    """Every (method, batch size) run; one metrics record and a checkpoint after each."""
-    clock = Stopwatch()
-    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
-    ds, tx, ty, vx, vy = T.load_data(
-        cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, seed=cfg.seed
-    )
-    if max(cfg.ghost_batch, 2 * max(cfg.sizes())) > len(tx):
-        raise ValueError(
-            f"the {len(tx)} training examples are fewer than one batch; raise train_subset"
-        )
-    ckpt = load_checkpoint(out / "checkpoint.pt") if resume else None
-    done: list[dict] = list(ckpt["results"]) if ckpt else []
-    keys = {(r["method"], r["batch"]) for r in done}
-    log = MetricsLog(
-        out / "metrics.jsonl", keep=(lambda r: (r["method"], r["batch"]) in keys) if ckpt else None
-    )
-    todo = [(m, b) for m in cfg.method_list() for b in cfg.sizes() if (m, b) not in keys]
-    sync_sizes = [b for m, b in todo if m == "sync"]
-    synced = _train_sync(sync_sizes, cfg) if sync_sizes else {}  # one launch for all sizes
-    for m, b in progress(todo, desc=NAME, quiet=quiet):
-        rec = run_one(m, b, cfg, (tx, ty, vx, vy), synced.get(b) if m == "sync" else None)
-        log.append(rec)
-        done.append(rec)
-        save_checkpoint(out / "checkpoint.pt", step=len(done), results=done)
+def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
+    done = [
+        {
+            "method": r["method"],
+            "batch": r["batch"],
+            "step_batch": _step_batch(r["method"], r["batch"], cfg),
+            "steps": r["steps"],
+            "ema_acc": r["ema_acc"],
+            "recomputed_acc": r["recomputed_acc"],
+            "ema_mean_shift_std": r["ema_mean_shift_std"],
+            "ema_rel_var_diff": r["ema_rel_var_diff"],
+            "train_seconds": r["wall_seconds"],
+        }  # fmt: skip
+        for r in results.values()
+    ]
     table = {
         LABELS[m]: {
             str(r["batch"]): {k: r[k] for k in ("ema_acc", "recomputed_acc", "steps")}
@@ -323,27 +221,29 @@ def run(
         }
         for m in cfg.method_list()
     }
-    summary = {
-        "experiment": NAME,
-        "dataset": ds.name,
-        "data_source": ds.source,
-        "train_examples": len(tx),
-        "test_examples": len(vx),
+    return {
+        "train_examples": data.n_train,
+        "test_examples": len(data.test_x),
         "batch_sizes": cfg.sizes(),
         "methods": [LABELS[m] for m in cfg.method_list()],
         "results": done,
         "table": table,
         "wall_seconds": sum(r["train_seconds"] for r in done),
-        "session_seconds": clock.elapsed,
-        "config": dataclasses.asdict(cfg),
     }
-    plot(summary, out / "small_batch.png")
-    atomic_write_json(out / "summary.json", T.jsonable(summary))
-    return summary
+
+
+def run(
+    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:  # fmt: skip
+    """Every (method, batch size) run: train, then EMA vs recomputed statistics."""
+    return run_experiment(
+        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
+    )
 
 
 # ---------------------------------------------------------------- plots and report
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, out: Path) -> None:
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -361,11 +261,7 @@ def plot(summary: dict, path: Path) -> None:
     axes[0].set_ylabel("test accuracy")
     axes[0].legend()
     fig.suptitle(f"Small batches on {summary['dataset']}")
-    save_figure(fig, path)
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+    save_figure(fig, out / "small_batch.png")
 
 
 def table_rows(summary: dict) -> list[list[str]]:
@@ -373,7 +269,7 @@ def table_rows(summary: dict) -> list[list[str]]:
     for label, per_b in summary["table"].items():
         for b in sorted(per_b, key=int):
             r = per_b[b]
-            rows.append([label, b, _pct(r["ema_acc"]), _pct(r["recomputed_acc"]), str(r["steps"])])
+            rows.append([label, b, pct(r["ema_acc"]), pct(r["recomputed_acc"]), str(r["steps"])])
     return rows
 
 
@@ -397,7 +293,7 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
             Claim(
                 "BN degrades at tiny batches",
                 "Ioffe 2017: BN suffers at batch 4 per worker",
-                f"BN at {lo}: {_pct(a)} vs at {hi}: {_pct(z)} (EMA)",
+                f"BN at {lo}: {pct(a)} vs at {hi}: {pct(z)} (EMA)",
                 "consistent" if a < z else "not here",
             )
         )
@@ -408,7 +304,7 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
                 Claim(
                     f"{LABELS[m]} recovers small-batch accuracy",
                     "Ioffe 2017 (renorm); global statistics (sync)",
-                    f"{LABELS[m]} {_pct(a)} vs BN {_pct(z)} at batch {lo}",
+                    f"{LABELS[m]} {pct(a)} vs BN {pct(z)} at batch {lo}",
                     "consistent" if a > z else "not here",
                 )
             )

@@ -13,11 +13,12 @@ drop-ins for ``torch.nn``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..layers import BatchNorm1d, BatchNorm2d, BatchNormBase
+from ...layers import BatchNorm1d, BatchNorm2d, BatchNormBase
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
@@ -226,3 +227,22 @@ def count_bn_layers(model: nn.Module) -> int:
     return sum(
         isinstance(m, nn.modules.batchnorm._BatchNorm | BatchNormBase) for m in model.modules()
     )
+
+
+BN_IMPLS = ("batchnorm", "torch")
+
+
+def with_bn_impl(build: Callable[[], nn.Module], name: str) -> Callable[[], nn.Module]:
+    """``build``, whose model uses ``torch.nn.BatchNorm*`` instead when ``name == "torch"``
+    (the experiments' control: the same net on PyTorch's own layers)."""
+    if name not in BN_IMPLS:
+        raise ValueError(f"bn_impl must be one of {BN_IMPLS}, got {name!r}")
+    if name != "torch":
+        return build
+
+    def converted() -> nn.Module:
+        from ...tools import convert_model
+
+        return convert_model(build(), to="torch")
+
+    return converted

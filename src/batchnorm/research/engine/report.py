@@ -17,7 +17,12 @@ from pathlib import Path
 
 from .runner import atomic_write_bytes, read_json
 
-__all__ = ["Claim", "Figure", "ReportSections", "Table", "render_report", "save_figure"]
+__all__ = ["Claim", "Figure", "ReportSections", "Table", "pct", "render_report"]
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    """A fraction as a percentage for tables and claims; "—" for a missing value."""
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
 
 
 @dataclass
@@ -55,35 +60,10 @@ class ReportSections:
     notes: list[str] = field(default_factory=list)
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only, no display needed), imported on first
-    use so that importing an experiment does not load matplotlib."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save a matplotlib figure atomically and close it; the format follows the suffix of
-    ``path`` (``.svg``, ``.pdf``, ...), PNG when it has none."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(
-        buf, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=dpi, bbox_inches="tight"
-    )
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:980px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}
+.scale{background:#fff6d5;border-left:4px solid #e0b000;padding:.4em .8em}
 h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
@@ -121,14 +101,17 @@ def _fmt_seconds(s: float) -> str:
 def render_html(sections: ReportSections, run_dir: Path, config: dict, summary: dict) -> str:
     """The page as a string (no file access except the PNGs named in ``sections``)."""
     parts = [f"<h1>{_e(sections.title)}</h1>"]
+    scale = summary.get("scale") or {"kind": "unknown", "text": "scale not recorded"}
+    parts.append(f"<p class='scale'><b>Scale:</b> {_e(scale['text'])}</p>")
     if sections.intro:
         parts.append(f"<p>{_e(sections.intro)}</p>")
     if sections.claims:
         parts.append("<h2>Paper vs our measurement</h2>")
+        at = "" if scale["kind"] == "full" else f" ({scale['kind']} run)"
         parts.append(
             _table(
                 ["claim", "paper", "ours", "verdict"],
-                [[c.claim, c.paper, c.ours, c.verdict] for c in sections.claims],
+                [[c.claim, c.paper, c.ours, c.verdict + at] for c in sections.claims],
             )
         )
     for fig in sections.figures:
@@ -163,7 +146,7 @@ def render_html(sections: ReportSections, run_dir: Path, config: dict, summary: 
 
 def render_report(run_dir: str | os.PathLike) -> Path:
     """Re-render ``run_dir/report.html`` from config.json and summary.json; returns its path."""
-    from . import load_experiment
+    from ..experiments import load_experiment
 
     run_dir = Path(run_dir)
     for need in ("config.json", "summary.json"):

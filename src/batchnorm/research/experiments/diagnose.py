@@ -21,30 +21,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data import best_available, load_dataset
-from ..experiments.report import Claim, Figure, ReportSections, Table, pyplot, save_figure
-from ..experiments.runner import (
-    MetricsLog,
-    Stopwatch,
-    atomic_write_json,
-    option,
-    prepare_run_dir,
-    progress,
-    read_checkpoint,
-    read_json,
-)
-from .health import bn_health, bn_layers
-from .ics import default_ics_layers, internal_covariate_shift
-from .landscape import gradient_landscape
-from .tracker import ActivationTracker, plot_percentile_runs
+from ...diagnostics.health import bn_health, bn_layers
+from ...diagnostics.ics import default_ics_layers, internal_covariate_shift
+from ...diagnostics.landscape import gradient_landscape
+from ...diagnostics.tracker import ActivationTracker
+from ..engine.config import RunConfig, load_tensor_data
+from ..engine.data import TensorData
+from ..engine.launch import run_experiment
+from ..engine.loop import Arm
+from ..engine.plots import plot_percentile_runs, pyplot, save_figure
+from ..engine.report import Claim, Figure, ReportSections, Table
+from ..engine.runner import option, read_checkpoint, read_json
+from ..engine.sampler import step_seed
 
 NAME = "diagnose"
 ARMS = ("baseline", "bn")
@@ -56,7 +52,7 @@ _opt = option
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     """Settings of one diagnose run."""
 
     model: str = field(
@@ -64,16 +60,6 @@ class Config:
         metadata=_opt(
             "mlp (the fig1 sigmoid MLP) or convnet (LeNet with ReLU)", choices=("mlp", "convnet")
         ),
-    )
-    dataset: str = field(
-        default="auto",
-        metadata=_opt(
-            "mnist, fashion-mnist, digits, or auto (the best available)",
-            choices=("auto", "mnist", "fashion-mnist", "digits"),
-        ),
-    )
-    data_dir: str | None = field(
-        default=None, metadata=_opt("directory with the IDX files", metavar="DIR")
     )
     from_run: str | None = field(
         default=None,
@@ -93,9 +79,6 @@ class Config:
     init_std: float = field(
         default=0.05, metadata=_opt("std of the mlp's Gaussian initial weights")
     )
-    seed: int = field(
-        default=0, metadata=_opt("seed for weights, batch order and measurement batches")
-    )
     measure_points: int = field(
         default=6, metadata=_opt("measurements, evenly spaced from the first to the last step")
     )
@@ -112,6 +95,7 @@ class Config:
     threads: int = field(default=1, metadata=_opt("torch threads"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("batch_size", "measure_points", "measure_batches", "track_every", "threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -124,10 +108,6 @@ class Config:
             )
         if self.model not in DEFAULT_LR:
             raise ValueError(f"model must be mlp or convnet, got {self.model!r}")
-        if self.dataset not in ("auto", "mnist", "fashion-mnist", "digits"):
-            raise ValueError(
-                f"dataset must be auto, mnist, fashion-mnist or digits, got {self.dataset!r}"
-            )
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.init_std) and self.init_std > 0):
@@ -168,49 +148,59 @@ class Config:
 
 
 # ---------------------------------------------------------------- networks and data
-def build_networks(cfg: Config, fig1_dir: Path | None = None) -> tuple[dict[str, nn.Module], int]:
-    """The baseline and BN networks with the same initial weights, and the step they start at."""
-    from ..experiments import fig1
-    from ..experiments.models import LeNet
-
-    if fig1_dir is not None:
-        saved = read_json(fig1_dir / "config.json")
-        if saved.get("experiment") != "fig1":
-            raise ValueError(
-                f"{fig1_dir} holds a {saved.get('experiment')!r} run; --from-run needs a fig1 run"
+def _fig1_run(cfg: Config) -> tuple[Path, dict] | None:
+    """The fig1 run directory ``--from-run`` names and its saved config, checked."""
+    if cfg.from_run is None:
+        return None
+    run_dir = Path(cfg.from_run)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir / 'config.json'} is missing: not a fig1 run directory")
+    saved = read_json(run_dir / "config.json")
+    if saved.get("experiment") != "fig1":
+        raise ValueError(
+            f"{run_dir} holds a {saved.get('experiment')!r} run; --from-run needs a fig1 run"
+        )
+    for arm in ARMS:
+        if not (run_dir / f"checkpoint-{arm}.pt").exists():
+            raise FileNotFoundError(
+                f"{run_dir / f'checkpoint-{arm}.pt'} is missing; run "
+                f"`batchnorm reproduce fig1 --out {run_dir}` first"
             )
-        nets, start = {}, None
-        for arm in ARMS:
-            path = fig1_dir / f"checkpoint-{arm}.pt"
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"{path} is missing; run `batchnorm reproduce fig1 --out {fig1_dir}` first"
-                )
-            ckpt = read_checkpoint(path)
-            net = fig1.build_mlp(arm == "bn", cfg.init_std, torch.Generator().manual_seed(0))
-            net.load_state_dict(ckpt["model"])
-            nets[arm] = net
-            start = ckpt["step"] if start is None else min(start, ckpt["step"])
-        return nets, int(start)
-    if cfg.model == "mlp":
-        return {
-            arm: fig1.build_mlp(arm == "bn", cfg.init_std, torch.Generator().manual_seed(cfg.seed))
-            for arm in ARMS
-        }, 0
-    torch.manual_seed(cfg.seed)
-    nets = {arm: LeNet(bn=arm == "bn") for arm in ARMS}
-    base_w = [m for m in nets["baseline"].modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    bn_w = [m for m in nets["bn"].modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    with torch.no_grad():  # same initial weights for both (the BN net has no bias before BN)
+    return run_dir, saved.get("config", {})
+
+
+def build_network(cfg: Config, arm: str) -> nn.Module:
+    """The ``arm`` network; both arms start from the same weights (the BN net has no bias
+    before BN). With ``--from-run``: the fig1 run's network at its checkpoint."""
+    from . import fig1
+    from .models import LeNet
+
+    run = _fig1_run(cfg)
+    if run is not None or cfg.model == "mlp":
+        net = fig1.build_mlp(arm == "bn", cfg.init_std, torch.Generator().manual_seed(cfg.seed))
+        if run is not None:
+            net.load_state_dict(read_checkpoint(run[0] / f"checkpoint-{arm}.pt")["model"])
+        return net
+    torch.manual_seed(step_seed(cfg.seed, "init/lenet"))
+    base, net = LeNet(bn=False), LeNet(bn=True)
+    if arm == "baseline":
+        return base
+    base_w = [m for m in base.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    bn_w = [m for m in net.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    with torch.no_grad():
         for a, b in zip(base_w, bn_w, strict=True):
             b.weight.copy_(a.weight)
             if b.bias is not None:
                 b.bias.copy_(a.bias)
-    return nets, 0
+    return net
 
 
-def _inputs(cfg: Config, x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(len(x), -1).contiguous() if cfg.model == "mlp" else x.contiguous()
+def start_step(cfg: Config) -> int:
+    """The step the networks start at: 0, or the fig1 run's (earlier) checkpoint step."""
+    run = _fig1_run(cfg)
+    if run is None:
+        return 0
+    return min(int(read_checkpoint(run[0] / f"checkpoint-{a}.pt")["step"]) for a in ARMS)
 
 
 def _measure_steps(start: int, steps: int, points: int) -> list[int]:
@@ -271,147 +261,105 @@ def measure(
 
 
 # ---------------------------------------------------------------- the experiment
-def run(
-    cfg: Config,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    quiet: bool = False,
-) -> dict:
-    """Train (or continue) both networks, measure, write the run directory; returns the summary.
-
-    Runs take minutes, so ``resume`` starts over (it only checks the settings match).
-    """
-    if not isinstance(cfg, Config):
-        raise TypeError(f"run() expects a diagnose.Config, got {type(cfg).__name__}")
-    fig1_dir = Path(cfg.from_run) if cfg.from_run else None
-    dataset = cfg.dataset
-    if fig1_dir is not None:  # the fig1 run's data and learning rate unless given
-        if not (fig1_dir / "config.json").exists():
-            raise FileNotFoundError(
-                f"{fig1_dir / 'config.json'} is missing: not a fig1 run directory"
-            )
-        saved = read_json(fig1_dir / "config.json").get("config", {})
-        dataset = saved.get("dataset", "auto") if dataset == "auto" else dataset
-        if cfg.lr is None and saved.get("lr"):
-            cfg = dataclasses.replace(cfg, lr=float(saved["lr"]))
-    if dataset == "auto":
-        dataset = best_available(cfg.data_dir)
-    data = load_dataset(dataset, cfg.data_dir)  # fails before the run dir is touched
-    nets, start = build_networks(cfg, fig1_dir)
-    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
-    log = MetricsLog(out / "metrics.jsonl")
-    clock = Stopwatch()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        arms = {
-            arm: _train_and_measure(arm, nets[arm], cfg, data, start, log, quiet) for arm in ARMS
-        }
-    finally:
-        torch.set_num_threads(threads)
-    summary = make_summary(cfg, dataset, data.source, start, arms, clock.elapsed)
-    atomic_write_json(out / "summary.json", summary)
-    plot(summary, out)
-    return summary
+def load(cfg: Config) -> TensorData:
+    run = _fig1_run(cfg)
+    if run is not None and cfg.dataset == "auto":  # the fig1 run's data unless given
+        cfg = dataclasses.replace(cfg, dataset=run[1].get("dataset", "auto"))
+    data = load_tensor_data(cfg)
+    if data.n_train < cfg.batch_size:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} exceeds the {data.n_train} training examples"
+        )
+    return data.flat() if cfg.model == "mlp" else data
 
 
-def _train_and_measure(
-    arm: str, net: nn.Module, cfg: Config, data: Any, start: int, log: MetricsLog, quiet: bool
-) -> dict[str, Any]:
+def arms(cfg: Config, data: TensorData) -> list[Arm]:
+    """Both networks: plain SGD on the same mini-batches; at ``measure_points`` steps, ICS,
+    landscape, test accuracy and BN health on the same fixed training batches; percentiles of
+    every nonlinearity's input recorded during training."""
     lr = cfg.learning_rate()
     etas = [lr * m for m in cfg.multipliers()]
-    x_train, y_train = _inputs(cfg, data.train_x), data.train_y
-    test_x, test_y = _inputs(cfg, data.test_x), data.test_y
-    n = len(x_train)
-    if n < cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training examples")
-    g_data = torch.Generator().manual_seed(cfg.seed + 1)  # same batches for both networks
-    g_meas = torch.Generator().manual_seed(cfg.seed + 2)
+    g = torch.Generator().manual_seed(step_seed(cfg.seed, "measure"))
     probe = [
-        torch.randperm(n, generator=g_meas)[: cfg.batch_size] for _ in range(cfg.measure_batches)
+        torch.randperm(data.n_train, generator=g)[: cfg.batch_size]
+        for _ in range(cfg.measure_batches)
     ]
-    batches = [(x_train[i], y_train[i]) for i in probe]
-    when = _measure_steps(start, cfg.steps, cfg.measure_points)
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
-    net.train()
-    points: list[dict[str, Any]] = []
-    torch.manual_seed(cfg.seed + 3)
-    perm, pos = torch.randperm(n, generator=g_data), 0
-    with ActivationTracker(net, every=cfg.track_every, units=1, seed=cfg.seed) as tracker:
+    batches = [(data.train_x[i], data.train_y[i]) for i in probe]
+    start = start_step(cfg)
+
+    def measure_at(net: nn.Module, step: int) -> dict:
+        return measure(net, batches, lr, etas, data.test_x, data.test_y)
+
+    def track(net: nn.Module) -> ActivationTracker:
+        tracker = ActivationTracker(net, every=cfg.track_every, units=1, seed=cfg.seed)
         tracker.step = start
-        bar = progress(range(start, start + cfg.steps + 1), f"diagnose {arm:8s}", quiet=quiet)
-        for step in bar:
-            if step in when:
-                tracker.remove()  # measurements run forward passes that must not be recorded
-                m = {"step": step, **measure(net, batches, lr, etas, test_x, test_y)}
-                tracker.attach()
-                points.append(m)
-                log.append(
-                    {
-                        "arm": arm,
-                        "step": step,
-                        "test_accuracy": m["test_accuracy"],
-                        "ics_l2": m["ics"]["l2"],
-                        "ics_cosine": m["ics"]["cosine"],
-                        "loss_range": m["landscape"]["loss_range"],
-                        "effective_beta": m["landscape"]["effective_beta"],
-                    }
-                )
-            if step == start + cfg.steps:
-                break
-            if pos + cfg.batch_size > n:
-                perm, pos = torch.randperm(n, generator=g_data), 0
-            idx = perm[pos : pos + cfg.batch_size]
-            pos += cfg.batch_size
-            loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        bar.close()
-    return {"points": points, "tracker": tracker.results()}
+        return tracker
+
+    return [
+        Arm(
+            arm,
+            lambda arm=arm: build_network(cfg, arm),
+            cfg.steps,
+            cfg.batch_size,
+            lambda s: lr,
+            momentum=0.0,
+            evals=_measure_steps(0, cfg.steps, cfg.measure_points),
+            measure=measure_at,
+            track=track,
+            order="diagnose",
+            init="diagnose",
+        )  # fmt: skip
+        for arm in ARMS
+    ]
+
+
+def run(
+    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:  # fmt: skip
+    """Train (or continue) both networks, measure, write the run directory; the summary."""
+    run = _fig1_run(cfg) if isinstance(cfg, Config) else None
+    if run is not None and cfg.lr is None and run[1].get("lr"):  # the fig1 run's learning rate
+        cfg = dataclasses.replace(cfg, lr=float(run[1]["lr"]))
+    return run_experiment(
+        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
+    )
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def make_summary(
-    cfg: Config, dataset: str, source: str, start: int, arms: dict, wall: float
-) -> dict:
-    """summary.json: per-arm measurements, aggregates over measurements, and the plain statement."""
+def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
+    """Per-arm measurements (steps counted from the start), aggregates, the plain statement."""
+    start = start_step(cfg)
     agg: dict[str, dict[str, float]] = {}
-    for arm, res in arms.items():
-        pts = [p for p in res["points"] if p["step"] > start] or res[
-            "points"
-        ]  # after training starts
+    points = {}
+    for arm, res in results.items():
+        pts = [{**r, "step": start + r["step"]} for r in res["records"]]
+        points[arm] = pts
+        after = [p for p in pts if p["step"] > start] or pts  # after training starts
         agg[arm] = {
-            "ics_l2": _mean(
-                [_mean(p["ics"]["l2"][1:]) for p in pts]
-            ),  # layer 0 has no earlier layers
-            "ics_relative": _mean([_mean(p["ics"]["relative"][1:]) for p in pts]),
-            "ics_cosine": _mean([_mean(p["ics"]["cosine"][1:]) for p in pts]),
-            "loss_range": _mean([p["landscape"]["loss_range"] for p in pts]),
-            "grad_change": _mean([p["landscape"]["grad_change"][-1] for p in pts]),
-            "effective_beta": _mean([p["landscape"]["effective_beta"] for p in pts]),
-            "final_test_accuracy": res["points"][-1]["test_accuracy"],
+            "ics_l2": _mean([_mean(p["ics"]["l2"][1:]) for p in after]),  # layer 0: none before
+            "ics_relative": _mean([_mean(p["ics"]["relative"][1:]) for p in after]),
+            "ics_cosine": _mean([_mean(p["ics"]["cosine"][1:]) for p in after]),
+            "loss_range": _mean([p["landscape"]["loss_range"] for p in after]),
+            "grad_change": _mean([p["landscape"]["grad_change"][-1] for p in after]),
+            "effective_beta": _mean([p["landscape"]["effective_beta"] for p in after]),
+            "final_test_accuracy": pts[-1]["test_accuracy"],
         }
     return {
-        "experiment": NAME,
         "model": cfg.model,
-        "dataset": dataset,
-        "data_source": source,
         "start_step": start,
         "steps": cfg.steps,
         "lr": cfg.learning_rate(),
         "step_sizes": [cfg.learning_rate() * m for m in cfg.multipliers()],
-        "measure_steps": [p["step"] for p in arms[ARMS[0]]["points"]],
-        "arms": {arm: {"points": res["points"]} for arm, res in arms.items()},
-        "percentiles": {arm: res["tracker"] for arm, res in arms.items()},
+        "measure_steps": [p["step"] for p in points[ARMS[0]]],
+        "arms": {arm: {"points": pts} for arm, pts in points.items()},
+        "percentiles": {arm: res["track"] for arm, res in results.items()},
         "aggregate": agg,
         "statement": statement(agg),
-        "wall_seconds": round(wall, 3),
+        "wall_seconds": sum(r["wall_seconds"] for r in results.values()),
     }
 
 
@@ -641,66 +589,3 @@ def report(summary: dict, run_dir: Path) -> ReportSections:
             f"Data: {summary['dataset']} from {summary.get('data_source', '?')}.",
         ],
     )
-
-
-# ---------------------------------------------------------------- CLI hook
-def add_command(sub: Any) -> None:
-    """Add ``batchnorm diagnose`` to the ``batchnorm`` command (see ``cli.EXTRA_COMMANDS``)."""
-    from ..cli import add_config_options
-
-    p = sub.add_parser(
-        "diagnose",
-        help="ICS vs loss smoothness: measure BN's effect inside the networks",
-        allow_abbrev=False,
-        description=(__doc__ or "").strip().splitlines()[0],
-    )
-    add_config_options(p, Config)
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="a small CI-sized run (prints the settings it changes); its numbers are "
-        "not the paper's scale",
-    )
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/diagnose)")
-    p.add_argument(
-        "--resume", action="store_true", help="accepted for symmetry; a diagnose run restarts"
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start the run in --out again, replacing its metrics and report",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_diagnose, _parser=p)
-
-
-def _cmd_diagnose(args: Any) -> int:
-    import sys
-
-    from ..experiments.report import render_report
-
-    base = Config.quick() if args.quick else Config()
-    if args.quick:
-        from ..cli import announce_quick
-
-        announce_quick(Config, "diagnose")
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Config)
-        if getattr(args, f.name, None) is not None
-    }
-    try:
-        cfg = dataclasses.replace(base, **overrides)
-    except (ValueError, TypeError) as e:
-        args._parser.error(str(e))
-    out = args.out or Path("runs") / NAME
-    try:
-        summary = run(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"batchnorm diagnose: error: {e}", file=sys.stderr)
-        return 1
-    page = render_report(out)
-    if not args.quiet:
-        print(describe(summary))
-    print(f"report: {page.resolve()}")
-    return 0

@@ -7,29 +7,20 @@
 ``reproduce`` options come from the experiment's ``Config`` dataclass: each field ``foo_bar``
 is ``--foo-bar`` (bool fields: ``--foo-bar/--no-foo-bar``; ``metadata["choices"]`` restricts
 the values). Unknown options and bad values exit with status 2 and a message saying why.
-
-More subcommands: add ``"name": "module:function"`` to :data:`EXTRA_COMMANDS`; ``function(sub)``
-receives argparse's subparsers object, adds its parser with ``sub.add_parser(name, ...)`` and
-sets ``parser.set_defaults(func=handler)``, where ``handler(args) -> int`` is the exit status.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import typing
 from pathlib import Path
 
+from .engine.runner import CheckpointError
 from .experiments import EXPERIMENTS, load_experiment
 
-__all__ = ["EXTRA_COMMANDS", "build_parser", "main"]
-
-# subcommand name -> "module:function" adding it (see the module docstring)
-EXTRA_COMMANDS: dict[str, str] = {
-    "diagnose": "batchnorm.diagnostics.diagnose:add_command",
-}
+__all__ = ["build_parser", "main"]
 
 _CONVERT = {int: int, float: float, str: str}
 
@@ -107,7 +98,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="Batch Normalization (Ioffe & Szegedy 2015): the paper's experiments.",
     )
-    from . import __version__
+    from batchnorm import __version__
 
     p.add_argument("--version", action="version", version=f"batchnorm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -158,9 +149,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     r.add_argument("run_dir", type=Path, metavar="DIR")
     r.set_defaults(func=_cmd_report)
 
-    for target in EXTRA_COMMANDS.values():
-        mod_name, _, fn = target.partition(":")
-        getattr(importlib.import_module(mod_name), fn)(sub)
     return p
 
 
@@ -188,20 +176,21 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"batchnorm reproduce {args.experiment}: error: {e}", file=sys.stderr)
         return 1
-    from .experiments.report import render_report
+    from .engine.report import render_report
 
     page = render_report(out)
     if not args.quiet:
-        print(mod.describe(summary) if hasattr(mod, "describe") else "")
+        print(mod.describe(summary))
+        print(f"scale: {summary['scale']['text']}")
     print(f"report: {page.resolve()}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .experiments.report import render_report
+    from .engine.report import render_report
 
     try:
         page = render_report(args.run_dir)

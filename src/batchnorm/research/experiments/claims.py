@@ -11,18 +11,22 @@ Every claim gets a plot and a verdict (reproduced / partly / not) with the numbe
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import conv_training as T
+from ..engine.config import RunConfig, load_tensor_data
+from ..engine.data import TensorData
+from ..engine.launch import run_experiment
+from ..engine.loop import Arm, build, evaluate, every
+from ..engine.plots import pyplot, save_figure
+from ..engine.report import Claim, Figure, ReportSections, Table
+from ..engine.runner import option
 from .models import DeepMLP, LeNet
-from .report import Claim, Figure, ReportSections, Table, pyplot, save_figure
-from .runner import Stopwatch, atomic_write_json, option, prepare_run_dir, save_checkpoint
 
 NAME = "claims"
 GOOD_MARGIN = 0.05  # a setting "trains" if its test accuracy is within 5 points of the best one
@@ -42,7 +46,7 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 @dataclass
-class Config(T.DataConfig):
+class Config(RunConfig):
     """Settings of the claims study (defaults: 32 nets; estimated 5-10 min on 2 idle cores)."""
 
     train_examples: int = field(default=10000, metadata=_h("training subset size (0: all)"))
@@ -65,9 +69,9 @@ class Config(T.DataConfig):
         default=0.1, metadata=_h("claim 4: learning rate of the sigmoid nets")
     )
     ensemble: int = field(default=4, metadata=_h("claim 5: BN LeNets in the ensemble"))
-    seed: int = field(default=0, metadata=_h("random seed"))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in (
             "steps",
             "batch_size",
@@ -110,8 +114,11 @@ def _constant(lr: float):
 
 
 @torch.no_grad()
-def _eval_train(model, x, y) -> dict:
-    return {"train_eval": T.evaluate(model, x, y)}
+def _probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return torch.cat(
+        [model(x[i : i + 1000]).double().softmax(1).float() for i in range(0, len(x), 1000)]
+    )
 
 
 def layer_grad_norms(model: DeepMLP, x: torch.Tensor, y: torch.Tensor) -> list[float]:
@@ -124,69 +131,56 @@ def layer_grad_norms(model: DeepMLP, x: torch.Tensor, y: torch.Tensor) -> list[f
     return norms
 
 
-def variants(cfg: Config, tx, ty, vx, vy) -> list[T.Variant]:
+def load(cfg: Config) -> TensorData:
+    return load_tensor_data(cfg).subset(cfg.train_examples, cfg.test_examples, cfg.seed)
+
+
+def arms(cfg: Config, data: TensorData) -> list[Arm]:
     d, w, m = cfg.depth, cfg.width, cfg.momentum
+    tx, ty = data.train_x, data.train_y
+
+    def arm(name: str, net, lr: float, steps: int | None = None, **kw) -> Arm:
+        n = steps or cfg.steps
+        ev = every(max(n // 3, 1), n)
+        return Arm(name, net, n, cfg.batch_size, lambda s: lr, m, evals=ev, **kw)
+
     out = []
     for lr in _floats(cfg.lrs, "lrs"):  # claim 1
         for bn in (False, True):
-            out.append(
-                T.Variant(
-                    f"lr/{'bn' if bn else 'plain'}/{lr:g}",
-                    lambda bn=bn: DeepMLP(width=w, depth=d, bn=bn),
-                    _constant(lr),
-                    m,
-                )
-            )
+            tag = f"lr/{'bn' if bn else 'plain'}/{lr:g}"
+            out.append(arm(tag, lambda bn=bn: DeepMLP(width=w, depth=d, bn=bn), lr))
     for s in _floats(cfg.init_scales, "init_scales"):  # claim 2
         for bn in (False, True):
-            out.append(
-                T.Variant(
-                    f"init/{'bn' if bn else 'plain'}/{s:g}",
-                    lambda bn=bn, s=s: DeepMLP(width=w, depth=d, bn=bn, init_scale=s),
-                    _constant(cfg.lr),
-                    m,
-                )
-            )
-    gx, gy = tx[: cfg.reg_examples], ty[: cfg.reg_examples]
-    for bn in (False, True):  # claim 3
+            tag = f"init/{'bn' if bn else 'plain'}/{s:g}"
+            net = lambda bn=bn, s=s: DeepMLP(width=w, depth=d, bn=bn, init_scale=s)  # noqa: E731
+            out.append(arm(tag, net, cfg.lr))
+    seen = TensorData(
+        data.name, data.source, tx, ty, tx[: cfg.reg_examples], ty[: cfg.reg_examples]
+    )
+    for bn in (False, True):  # claim 3: the train/test gap on a small training set
         for p in (0.0, cfg.dropout):
-            out.append(
-                T.Variant(
-                    f"reg/{'bn' if bn else 'plain'}/{'dropout' if p else 'none'}",
-                    lambda bn=bn, p=p: DeepMLP(width=cfg.reg_width, depth=3, bn=bn, dropout=p),
-                    _constant(cfg.lr),
-                    m,
-                    steps=cfg.reg_steps,
-                    train_n=cfg.reg_examples,
-                    finish=lambda model, *_: _eval_train(model, gx, gy),
-                )
-            )
+            tag = f"reg/{'bn' if bn else 'plain'}/{'dropout' if p else 'none'}"
+            net = lambda bn=bn, p=p: DeepMLP(width=cfg.reg_width, depth=3, bn=bn, dropout=p)  # noqa: E731
+            out.append(arm(
+                tag, net, cfg.lr, cfg.reg_steps, train_n=cfg.reg_examples,
+                finish=lambda model: {"train_eval": evaluate(model, seen)},
+            ))  # fmt: skip
     probe = (tx[:256], ty[:256])
     for bn in (False, True):  # claim 4
-        out.append(
-            T.Variant(
-                f"sigmoid/{'bn' if bn else 'plain'}",
-                lambda bn=bn: DeepMLP(width=w, depth=10, activation="sigmoid", bn=bn),
-                _constant(cfg.sigmoid_lr),
-                m,
-                finish=lambda model, *_: {"grad_norms_end": layer_grad_norms(model, *probe)},
-            )
-        )
+        out.append(arm(
+            f"sigmoid/{'bn' if bn else 'plain'}",
+            lambda bn=bn: DeepMLP(width=w, depth=10, activation="sigmoid", bn=bn),
+            cfg.sigmoid_lr,
+            finish=lambda model: {"grad_norms_end": layer_grad_norms(model, *probe)},
+        ))  # fmt: skip
     for i in range(
         cfg.ensemble
     ):  # claim 5: members differ in seed, some in dropout (as the paper's)
         p = (0.0, 0.05, 0.1)[i % 3]
-        out.append(
-            T.Variant(
-                f"ensemble/{i}",
-                lambda p=p: LeNet(bn=True, dropout=p),
-                _constant(cfg.lr),
-                m,
-                finish=lambda model, x, y: {
-                    "probs": T.evaluate(model, x, y, return_probs=True)["probs"]
-                },
-            )
-        )
+        out.append(arm(
+            f"ensemble/{i}", lambda p=p: LeNet(bn=True, dropout=p), cfg.lr,
+            finish=lambda model: {"probs": _probs(model, data.test_x)},
+        ))  # fmt: skip
     return out
 
 
@@ -258,7 +252,7 @@ def regularization(results: dict) -> dict:
     for arm in ("plain", "bn"):
         for p in ("none", "dropout"):
             r = results[f"reg/{arm}/{p}"]
-            tr = r["train_eval"]["acc"]
+            tr = r["train_eval"]["test_acc"]  # evaluated on its own training examples
             te = _final_acc(r)
             rows[f"{arm}/{p}"] = {"train_acc": tr, "test_acc": te, "gap": tr - te}
     return rows
@@ -337,41 +331,21 @@ def ensemble_errors(member_probs: list[torch.Tensor], y: torch.Tensor) -> dict:
     }
 
 
-def run(
-    cfg: Config, out: Path, *, resume: bool = False, overwrite: bool = False, quiet: bool = False
-) -> dict:
-    """Train every net of the five claims; verdicts, plots, summary."""
-    clock = Stopwatch()
-    out = prepare_run_dir(out, NAME, cfg, resume=resume, overwrite=overwrite)
-    ds, tx, ty, vx, vy = T.load_data(
-        cfg.dataset, cfg.data_dir, cfg.train_examples, cfg.test_examples, cfg.seed
-    )
-    vs = variants(cfg, tx, ty, vx, vy)
-    results = T.train_variants(
-        out,
-        vs,
-        (tx, ty, vx, vy),
-        steps=cfg.steps,
-        eval_every=max(cfg.steps // 3, 1),
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        resume=resume,
-        quiet=quiet,
-        save_checkpoint=save_checkpoint,
-    )
-    builds = {v.name: v.build for v in vs}
+def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
+    by_name = {a.name: a for a in arms(cfg, data)}
     sig = {}
-    for arm in ("plain", "bn"):  # gradient norms at init: the same seed train_variants used
+    for arm in ("plain", "bn"):
         name = f"sigmoid/{arm}"
-        torch.manual_seed(T.variant_seed(cfg.seed, f"variant/{name}/init"))
+        at_init = build(by_name[name], cfg.seed)  # the weights this arm started from
         sig[arm] = {
             "test_acc": _final_acc(results[name]),
-            "grad_norms_init": layer_grad_norms(builds[name](), tx[:256], ty[:256]),
+            "grad_norms_init": layer_grad_norms(at_init, data.train_x[:256], data.train_y[:256]),
             "grad_norms_end": results[name]["grad_norms_end"],
-            "curve": [e["test_acc"] for e in results[name]["evals"]],
-            "steps": [e["step"] for e in results[name]["evals"]],
+            "curve": [e["test_acc"] for e in results[name]["records"]],
+            "steps": [e["step"] for e in results[name]["records"]],
         }
-    ens = ensemble_errors([results[f"ensemble/{i}"]["probs"] for i in range(cfg.ensemble)], vy)
+    members = [results[f"ensemble/{i}"]["probs"] for i in range(cfg.ensemble)]
+    ens = ensemble_errors(members, data.test_y)
     lr_s = _sweep(results, "lr", _floats(cfg.lrs, "lrs"))
     init_s = _sweep(results, "init", _floats(cfg.init_scales, "init_scales"))
     reg = regularization(results)
@@ -384,12 +358,9 @@ def run(
         "ensemble": verdict_ensemble(ens),
     }.items():
         verdicts[key] = {"verdict": v, "numbers": txt}
-    summary = {
-        "experiment": NAME,
-        "dataset": ds.name,
-        "data_source": ds.source,
-        "train_examples": len(tx),
-        "test_examples": len(vx),
+    return {
+        "train_examples": data.n_train,
+        "test_examples": len(data.test_x),
         "verdicts": verdicts,
         "learning_rate": lr_s,
         "initialization": init_s,
@@ -398,12 +369,17 @@ def run(
         "ensemble": ens,
         "runs": len(results),
         "wall_seconds": sum(r["wall_seconds"] for r in results.values()),
-        "session_seconds": clock.elapsed,
-        "config": dataclasses.asdict(cfg),
     }
-    plots(summary, out)
-    atomic_write_json(out / "summary.json", T.jsonable(summary))
-    return summary
+
+
+def run(
+    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:  # fmt: skip
+    """Train every net of the five claims; verdicts, plots, summary."""
+    return run_experiment(
+        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
+    )
 
 
 PLOTS = (
@@ -415,7 +391,7 @@ PLOTS = (
 )
 
 
-def plots(summary: dict, out: Path) -> None:
+def plot(summary: dict, out: Path) -> None:
     plt = pyplot()
 
     for key, fname, xlabel in (

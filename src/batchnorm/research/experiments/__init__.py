@@ -5,9 +5,9 @@
 - ``Config``: a dataclass; every field has a default and ``metadata={"help": ...}`` and
   becomes a ``--kebab-case`` CLI option; ``Config.quick()`` returns the CI-sized config;
 - ``run(cfg, out, *, resume=False, overwrite=False, quiet=False) -> dict``: trains, writes the run directory
-  (see :mod:`batchnorm.experiments.runner`) and returns the summary (also in summary.json);
+  (see :mod:`batchnorm.research.engine.runner`) and returns the summary (also in summary.json);
 - ``report(summary, run_dir) -> ReportSections``: what ``report.html`` shows for it
-  (see :mod:`batchnorm.experiments.report`).
+  (see :mod:`batchnorm.research.engine.report`).
 
 To add one: write the module, then add one line to ``EXPERIMENTS``.
 """
@@ -18,12 +18,12 @@ import importlib
 from types import ModuleType
 
 EXPERIMENTS: dict[str, str] = {
-    "fig1": "batchnorm.experiments.fig1",
-    "lenet": "batchnorm.experiments.lenet",
-    "ablation": "batchnorm.experiments.ablation",
-    "claims": "batchnorm.experiments.claims",
-    "diagnose": "batchnorm.diagnostics.diagnose",
-    "small-batch": "batchnorm.experiments.small_batch",
+    "fig1": "batchnorm.research.experiments.fig1",
+    "lenet": "batchnorm.research.experiments.lenet",
+    "ablation": "batchnorm.research.experiments.ablation",
+    "claims": "batchnorm.research.experiments.claims",
+    "diagnose": "batchnorm.research.experiments.diagnose",
+    "small-batch": "batchnorm.research.experiments.small_batch",
 }
 
 

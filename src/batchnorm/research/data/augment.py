@@ -8,6 +8,7 @@ drawn from a ``torch.Generator`` so that a run is reproducible and resumable.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -96,3 +97,19 @@ def random_affine(
         return x.clone()
     mats = affine_matrices(x.shape[0], rotation, shear, zoom, generator=generator, dtype=x.dtype)
     return apply_affine(x, mats)
+
+
+@dataclass
+class Augment:
+    """Strengths of :func:`random_affine` (degrees, shear factor, relative zoom); all 0 = off."""
+
+    rotation: float = 0.0
+    shear: float = 0.0
+    zoom: float = 0.0
+
+    def scaled(self, f: float) -> Augment:
+        return Augment(self.rotation * f, self.shear * f, self.zoom * f)
+
+    @property
+    def off(self) -> bool:
+        return self.rotation == 0 and self.shear == 0 and self.zoom == 0
