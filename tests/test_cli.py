@@ -126,3 +126,26 @@ def test_quick_run_end_to_end_then_report(capsys, tmp_path):
     (out / "report.html").unlink()
     assert cli.main(["report", str(out)]) == 0
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_one_default_per_option_across_commands(capsys):
+    """An option that several experiments share means the same thing and has one default; the
+    shared ones (data, seed) come from one base class; help states each default once."""
+    import dataclasses
+
+    from batchnorm.research.engine.config import RunConfig
+    from batchnorm.research.experiments import EXPERIMENTS, load_experiment
+
+    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    for name in EXPERIMENTS:
+        cls = load_experiment(name).Config
+        assert issubclass(cls, RunConfig), name
+        for f in dataclasses.fields(cls):
+            if f.name in shared:  # not redefined with another default or help
+                base = next(g for g in dataclasses.fields(RunConfig) if g.name == f.name)
+                assert (f.default, f.metadata) == (base.default, base.metadata), (name, f.name)
+        with pytest.raises(SystemExit):
+            cli.main(["reproduce", name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "Config.quick" not in text, name
+        assert text.count("(default: auto)") == 1, name  # --dataset, once

@@ -42,6 +42,14 @@ def _typed(tp: type, name: str):
     return convert
 
 
+def _help(text: str, default: object) -> str:
+    """The field's help plus its default, once: not when the text already states the default,
+    nor "None" (the text says what an unset option means)."""
+    if default is None or "default" in text:
+        return text
+    return f"{text} (default: {default})"
+
+
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--kebab-case`` option per field of the dataclass ``cls`` (default: unset)."""
     hints = typing.get_type_hints(cls)
@@ -56,7 +64,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 dest=f.name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{helptext} (default: {default})",
+                help=_help(helptext, default),
             )
             continue
         origin = typing.get_origin(tp)
@@ -72,7 +80,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
             choices=f.metadata.get("choices"),
             default=None,
             metavar=f.metadata.get("metavar", tp.__name__.upper()),
-            help=f"{helptext} (default: {default})",
+            help=_help(helptext, default),
         )
 
 

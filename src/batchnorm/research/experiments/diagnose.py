@@ -1,4 +1,4 @@
-"""``batchnorm diagnose``: is it internal covariate shift, or a smoother loss landscape?
+"""``batchnorm reproduce diagnose``: is it internal covariate shift, or a smoother loss landscape?
 
 Trains two networks from the same initial weights on the same mini-batches — the fig1 sigmoid
 MLP (784-100-100-100-10) or a small LeNet-style convnet, each without and with BN — or continues
