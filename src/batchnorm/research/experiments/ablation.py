@@ -18,7 +18,7 @@ from ..engine.config import RunConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, every
-from ..engine.plots import pyplot, save_figure
+from ..engine.plots import figure_legend, pyplot, save_figure, scale_note
 from ..engine.report import Claim, Figure, ReportSections, Table, pct
 from ..engine.runner import option
 from .models import BN_IMPLS, InceptionNet, with_bn_impl
@@ -184,26 +184,36 @@ def run(
     )
 
 
+STYLES = {  # in the figure: no BN black, BN colours; sigmoid nets dotted / dashed
+    "Baseline": {"color": "k", "ls": "-", "marker": "o"},
+    "Baseline-Sigmoid": {"color": "k", "ls": ":", "marker": "v"},
+    "BN-Baseline": {"color": "tab:blue", "ls": "-", "marker": "s"},
+    "BN-x5": {"color": "tab:orange", "ls": "-", "marker": "^"},
+    "BN-x30": {"color": "tab:green", "ls": "-", "marker": "D"},
+    "BN-x5-Sigmoid": {"color": "tab:red", "ls": "--", "marker": "P"},
+}
+
+
 def plot(summary: dict, out: Path) -> None:
+    """ablation_accuracy.png: test accuracy of the six variants over training (cf. Figure 2)."""
     plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    styles = {
-        "Baseline": "k-",
-        "Baseline-Sigmoid": "k:",
-        "BN-Baseline": "C0-",
-        "BN-x5": "C1-",
-        "BN-x30": "C2-",
-        "BN-x5-Sigmoid": "C3--",
-    }
+    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
     for name, c in summary["curves"].items():
-        ax.plot(c["step"], c["test_acc"], styles.get(name, "-"), label=name)
-    ax.axhline(summary["baseline_best_acc"], color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"Small Inception net on {summary['dataset']} (cf. the paper's Figure 2)")
+        ax.plot(c["step"], c["test_acc"], label=name, lw=1.5, ms=3.5, **STYLES.get(name, {}))
+    ax.axhline(
+        summary["baseline_best_acc"], color="0.5", lw=0.9, ls=(0, (6, 3)),
+        label=f"Baseline's best ({100 * summary['baseline_best_acc']:.1f}%)",
+    )  # fmt: skip
+    cfg = summary.get("config", {})
+    batch = f" (mini-batches of {cfg['batch_size']})" if "batch_size" in cfg else ""
+    ax.set_xlabel(f"training step{batch}")
+    ax.set_ylabel(f"test accuracy ({summary.get('test_examples', '?')} test images)")
+    ax.set_title("Test accuracy of the six variants (cf. the paper's Figure 2)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    figure_legend(fig, ax.get_lines(), ncols=4)
+    fig.suptitle(f"Section 4.2 ablation: small Inception-style net on {summary['dataset']}")
+    scale_note(fig, summary)
     save_figure(fig, out / "ablation_accuracy.png")
 
 

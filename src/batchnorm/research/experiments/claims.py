@@ -23,7 +23,7 @@ from ..engine.config import RunConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, build, evaluate, every
-from ..engine.plots import pyplot, save_figure
+from ..engine.plots import figure_legend, pyplot, save_figure, scale_note, style_handle
 from ..engine.report import Claim, Figure, ReportSections, Table
 from ..engine.runner import option
 from .models import DeepMLP, LeNet
@@ -391,68 +391,131 @@ PLOTS = (
 )
 
 
-def plot(summary: dict, out: Path) -> None:
-    plt = pyplot()
+COLORS = {"plain": "tab:gray", "bn": "tab:blue"}  # in the figures: without BN gray, with BN blue
+NAMES = {"plain": "no BN", "bn": "BN"}
 
-    for key, fname, xlabel in (
-        ("learning_rate", PLOTS[0], "learning rate"),
-        ("initialization", PLOTS[1], "init scale (x He)"),
-    ):
+
+def plot(summary: dict, out: Path) -> None:
+    """One figure per claim (PLOTS)."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    c = summary["config"]
+
+    for key, fname, xlabel, title in (
+        ("learning_rate", PLOTS[0], "learning rate (log scale)", "Learning-rate sweep"),
+        ("initialization", PLOTS[1], "init scale: multiple of He init (log scale)",
+         "Init-scale sweep"),
+    ):  # fmt: skip
         s = summary[key]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for arm, c in (("plain", "C0"), ("bn", "C1")):
-            ax.plot(
-                s["values"], s[arm]["acc"], "o-", color=c, label="BN" if arm == "bn" else "no BN"
-            )
-            for v, a, dv in zip(s["values"], s[arm]["acc"], s[arm]["diverged"], strict=True):
-                if dv:
-                    ax.plot(v, a, "x", color=c, ms=12, mew=2)
+        fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
+        for arm, m in (("plain", "o"), ("bn", "s")):
+            ax.plot(s["values"], s[arm]["acc"], marker=m, color=COLORS[arm], label=NAMES[arm])
+            bad = [(v, a) for v, a, d in zip(s["values"], s[arm]["acc"], s[arm]["diverged"],
+                                             strict=True) if d]  # fmt: skip
+            if bad:
+                ax.plot(*zip(*bad, strict=True), "x", color=COLORS[arm], ms=11, mew=2)
         ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.03)  # accuracy's whole range: a diverged net sits at 0
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("final test accuracy")
-        ax.set_title(
-            f"{summary['config']['depth']}-layer ReLU net: {key.replace('_', ' ')} (x: diverged)"
-        )
+        ax.set_ylabel(f"final test accuracy (after {c['steps']} steps)")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        handles.append(style_handle("diverged (counted as 0)", ls="", marker="x", ms=9, mew=2))
+        figure_legend(fig, handles, ncols=3)
+        fig.suptitle(
+            f"{c['depth']}-hidden-layer ReLU net, {c['width']} units, {summary['dataset']}"
+        )
+        scale_note(fig, summary)
         save_figure(fig, out / fname)
 
     g = summary["regularization"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
     keys = list(g)
-    xs = range(len(keys))
-    ax.bar([x - 0.2 for x in xs], [g[k]["train_acc"] for k in keys], 0.4, label="train")
-    ax.bar([x + 0.2 for x in xs], [g[k]["test_acc"] for k in keys], 0.4, label="test")
-    ax.set_xticks(list(xs), [k.replace("plain", "no BN").replace("bn", "BN") for k in keys])
-    lo = min(min(g[k]["test_acc"] for k in keys), min(g[k]["train_acc"] for k in keys))
-    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    ax.set_title(f"regularization: {summary['config']['reg_examples']} training examples")
-    ax.legend()
+    xs = list(range(len(keys)))
+    for dx, what, color in ((-0.2, "train", "tab:green"), (0.2, "test", "tab:purple")):
+        bars = ax.bar(
+            [x + dx for x in xs], [g[k][f"{what}_acc"] for k in keys], 0.4, color=color,
+            label=f"{what} accuracy" + (" (on its own training examples)" if what == "train" else ""),
+        )  # fmt: skip
+        ax.bar_label(bars, fmt="{:.0%}", fontsize=8, padding=2)
+
+    def tick(k: str) -> str:
+        arm, p = k.split("/")
+        return f"{NAMES.get(arm, arm)}\n" + (
+            f"dropout {c['dropout']:g}" if p == "dropout" else "no dropout"
+        )
+
+    ax.set_xticks(xs, [tick(k) for k in keys])
+    ax.set_ylim(0, 1.12)  # bars from 0, room for their labels
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_xlabel("network (3 hidden layers)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(
+        f"Train vs test accuracy after {c['reg_steps']} steps on {c['reg_examples']} examples",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3, axis="y")
+    figure_legend(fig, ax.containers, ncols=2)
+    fig.suptitle("Regularization: the train/test gap with and without BN and dropout")
+    scale_note(fig, summary)
     save_figure(fig, out / PLOTS[2])
 
     sg = summary["sigmoid"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for arm, c in (("plain", "C0"), ("bn", "C1")):
-        lab = "BN" if arm == "bn" else "no BN"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
+    for arm, m in (("plain", "o"), ("bn", "s")):
         layers = range(1, len(sg[arm]["grad_norms_init"]) + 1)
-        axes[0].semilogy(layers, sg[arm]["grad_norms_init"], "o-", color=c, label=f"{lab}, init")
-        axes[0].semilogy(layers, sg[arm]["grad_norms_end"], "s--", color=c, label=f"{lab}, end")
-        axes[1].plot(sg[arm]["steps"], sg[arm]["curve"], "o-", color=c, label=lab)
-    axes[0].set_xlabel("hidden layer (input side first)")
-    axes[0].set_ylabel("||dL/dW||")
-    axes[0].legend(fontsize=8)
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("test accuracy")
-    axes[1].legend()
-    fig.suptitle("10-layer sigmoid net")
+        kw = {"color": COLORS[arm], "marker": m, "ms": 4}
+        axes[0].semilogy(layers, sg[arm]["grad_norms_init"], "-", **kw)
+        axes[0].semilogy(layers, sg[arm]["grad_norms_end"], "--", **kw)
+        axes[1].plot(sg[arm]["steps"], sg[arm]["curve"], "-", **kw)
+    axes[0].set(
+        title="(a) Gradient norm per hidden layer, one batch of 256",
+        xlabel="hidden layer (1 = input side)", ylabel="‖∂L/∂W‖ (log scale)",
+    )  # fmt: skip
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set_ylim(0, 1)  # from 0: a net that does not train stays near chance level
+    axes[1].set(
+        title="(b) Test accuracy during training", xlabel="training step",
+        ylabel="test accuracy",
+    )  # fmt: skip
+    for ax in axes:
+        ax.title.set_fontsize(10)
+        ax.grid(alpha=0.3)
+    figure_legend(
+        fig,
+        [
+            style_handle(NAMES[a], COLORS[a], marker=m, ms=4)
+            for a, m in (("plain", "o"), ("bn", "s"))
+        ]
+        + [
+            style_handle("(a) at initialization", ls="-"),
+            style_handle("(a) after training", ls="--"),
+        ],
+        ncols=4,
+    )
+    fig.suptitle(
+        f"10-layer sigmoid net ({c['width']} units), lr {c['sigmoid_lr']:g}, with and without BN"
+    )
+    scale_note(fig, summary)
     save_figure(fig, out / PLOTS[3])
 
     e = summary["ensemble"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = [f"member {i}" for i in range(e["k"])] + ["ensemble"]
-    ax.bar(names, [*e["member_top1_err"], e["ensemble_top1_err"]], color=["C0"] * e["k"] + ["C1"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    names = [f"member {i + 1}" for i in range(e["k"])] + ["ensemble"]
+    bars = ax.bar(
+        names, [*e["member_top1_err"], e["ensemble_top1_err"]],
+        color=["tab:blue"] * e["k"] + ["tab:orange"],
+    )  # fmt: skip
+    ax.bar_label(bars, fmt="{:.1%}", fontsize=8, padding=2)
+    ax.margins(y=0.15)
+    ax.set_xlabel("BN LeNet (members differ in seed and dropout)")
     ax.set_ylabel("top-1 test error")
-    ax.set_title(f"ensemble of {e['k']} BN LeNets (mean of class probabilities)")
+    ax.set_title(f"Ensemble of {e['k']} BN LeNets: mean of class probabilities", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Ensembles of BN networks")
+    scale_note(fig, summary)
     save_figure(fig, out / PLOTS[4])
 
 

@@ -37,7 +37,15 @@ from ..engine.config import RunConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm
-from ..engine.plots import plot_percentile_runs, pyplot, save_figure
+from ..engine.plots import (
+    ARM_COLORS,
+    figure_legend,
+    plot_percentile_runs,
+    pyplot,
+    save_figure,
+    scale_note,
+    style_handle,
+)
 from ..engine.report import Claim, Figure, ReportSections, Table
 from ..engine.runner import option, read_checkpoint, read_json
 from ..engine.sampler import step_seed
@@ -397,64 +405,156 @@ def statement(agg: dict[str, dict[str, float]]) -> str:
 
 
 # ---------------------------------------------------------------- plots and report
+def _module_types(summary: dict, arm: str) -> dict[str, str]:
+    """``{module name: class name}`` of the ``arm`` network (rebuilt untrained, for its
+    structure only); empty when the summary's model is not one this module builds."""
+    from . import fig1
+    from .models import LeNet
+
+    model = summary.get("model", "mlp")
+    if model == "mlp":
+        net: nn.Module = fig1.build_mlp(arm == "bn", 0.05, torch.Generator().manual_seed(0))
+    elif model == "convnet":
+        net = LeNet(bn=arm == "bn")
+    else:
+        return {}
+    return {name: type(m).__name__ for name, m in net.named_modules()}
+
+
+def layer_names(summary: dict, arm: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Display names by role, the same in both networks (the module names differ: the BN net
+    has a BN module before each nonlinearity): ``(nonlinearities, weight layers)``.
+
+    Weight layers (Linear/Conv, those ICS is measured on) are numbered from the input,
+    "Linear 2", "Conv 1", the last one marked "(output)"; nonlinearities by their order among
+    the nonlinearities, with the weight layer they follow: "sigmoid 1 (hidden layer 1)" in the
+    MLP, "ReLU 3 (after Linear 3)" in the convnet."""
+    types = _module_types(summary, arm)
+    order = list(types)
+    weights = summary["arms"][arm]["points"][0]["ics"]["layers"]
+
+    def kind(name: str) -> str:
+        t = types.get(name, "")
+        return "Conv" if t.startswith("Conv") else "Linear" if t == "Linear" else "layer"
+
+    wnames = {
+        n: f"{kind(n)} {i}" + (" (output)" if i == len(weights) and i > 1 else "")
+        for i, n in enumerate(weights, start=1)
+    }
+    acts = list(summary["percentiles"][arm]["layers"])
+    if all(n in types for n in acts):
+        acts.sort(key=order.index)
+    mlp = bool(types) and all(kind(n) == "Linear" for n in weights)
+    anames = {}
+    for i, n in enumerate(acts, start=1):
+        module = summary["percentiles"][arm]["layers"][n].get("module", "nonlinearity")
+        label = f"{module.lower() if module == 'Sigmoid' else module} {i}"
+        before = [
+            w for w in weights if w in types and n in types and order.index(w) < order.index(n)
+        ]
+        if mlp:
+            label += f" (hidden layer {i})"
+        elif before:
+            label += f" (after {wnames[before[-1]].removesuffix(' (output)')})"
+        anames[n] = label
+    return anames, wnames
+
+
 def plot(summary: dict, out: Path) -> list[Path]:
-    """percentiles.png (Figure 1(b, c) for every tracked layer), ics.png, landscape.png."""
+    """percentiles.png (Figure 1(b, c) for every tracked layer, the two networks one above the
+    other, one y-axis per layer), ics.png, landscape.png."""
     plt = pyplot()
 
+    names = {arm: layer_names(summary, arm) for arm in ARMS}
     pct = summary["percentiles"]
-    panels = {
-        f"{LABELS[arm]}: input to {rec.get('module', '')} '{name}'": rec
-        for arm in ARMS
-        for name, rec in pct[arm]["layers"].items()
-    }
-    cols = max(len(pct[arm]["layers"]) for arm in ARMS)
+    ordered = {arm: sorted(pct[arm]["layers"], key=list(names[arm][0]).index) for arm in ARMS}
+    cols = max(len(v) for v in ordered.values())
+    panels: dict[str, dict | None] = {}
+    colors = {}
+    for arm in ARMS:
+        for j in range(cols):
+            if j >= len(ordered[arm]):
+                panels[f"{arm} {j}"] = None
+                continue
+            name = ordered[arm][j]
+            rec = pct[arm]["layers"][name]
+            unit = f", unit {rec['units'][0]}" if len(rec.get("units") or []) == 1 else ""
+            title = f"{LABELS[arm]}: {names[arm][0][name]}{unit}"
+            panels[title], colors[title] = rec, ARM_COLORS[arm]
     paths = [
         plot_percentile_runs(
-            panels,
-            pct[ARMS[0]]["percentiles"],
-            out / "percentiles.png",
-            cols=cols,
-            title="Percentiles of one unit's pre-activation over training",
+            panels, pct[ARMS[0]]["percentiles"], out / "percentiles.png", cols=cols,
+            colors=colors, sharey="col", ylabel="input to the nonlinearity",
+            title="Percentiles of one unit's input to each nonlinearity over training "
+            "(cf. Figure 1(b, c)); top: without BN, bottom: with BN",
+            summary=summary,
         )
-    ]
-    colors = {"baseline": "tab:gray", "bn": "tab:blue"}
+    ]  # fmt: skip
     steps = summary["measure_steps"]
+    xlabel = "training step"
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v")]
+    layer_handles: dict[str, Any] = {}
     for arm in ARMS:
         pts = summary["arms"][arm]["points"]
         layers = pts[0]["ics"]["layers"]
-        for j, name in enumerate(layers[1:], start=1):
-            ls = ["-", "--", ":", "-."][j % 4]
-            axes[0].plot(
-                steps,
-                [p["ics"]["l2"][j] for p in pts],
-                ls,
-                color=colors[arm],
-                label=f"{LABELS[arm]} layer {name}",
-            )
-            axes[1].plot(steps, [p["ics"]["cosine"][j] for p in pts], ls, color=colors[arm])
-    axes[0].set(title="ICS: ‖G − G′‖₂ per layer", xlabel="step", yscale="log")
-    axes[1].set(title="ICS: cos(G, G′) per layer (1 = no shift)", xlabel="step")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+        for j, name in enumerate(layers[1:], start=1):  # the first layer has no layers before it
+            ls, marker = styles[(j - 1) % len(styles)]
+            label = names[arm][1][name]
+            kw = {"ls": ls, "marker": marker, "ms": 4, "color": ARM_COLORS[arm]}
+            axes[0].plot(steps, [p["ics"]["l2"][j] for p in pts], label=label, **kw)
+            axes[1].plot(steps, [p["ics"]["cosine"][j] for p in pts], label=label, **kw)
+            layer_handles.setdefault(label, style_handle(label, ls=ls, marker=marker, ms=4))
+    axes[0].set(
+        title="(a) ICS: ‖G − G′‖₂, change of a layer's gradient", xlabel=xlabel,
+        ylabel="‖G − G′‖₂ (log scale)", yscale="log",
+    )  # fmt: skip
+    axes[1].set(title="(b) ICS: cos(G, G′) (1 = no shift)", xlabel=xlabel, ylabel="cos(G, G′)")
+    for ax in axes:
+        ax.title.set_fontsize(10)
+        ax.grid(alpha=0.3)
+    arm_handles = [style_handle(LABELS[a], ARM_COLORS[a], lw=2) for a in ARMS]
+    figure_legend(fig, arm_handles + list(layer_handles.values()), ncols=5)
+    fig.suptitle(
+        "Internal covariate shift per layer (Santurkar et al. 2018): G, G′ = the layer's "
+        "gradient before, after the earlier layers' SGD step",
+        fontsize=10,
+    )
+    scale_note(fig, summary)
     paths.append(save_figure(fig, out / "ics.png"))
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, grid = plt.subplots(2, 2, figsize=(10, 7.2), layout="constrained")
+    axes = list(grid.flat)
     for arm in ARMS:
         pts = summary["arms"][arm]["points"]
-        kw = {"color": colors[arm], "label": LABELS[arm], "marker": "o", "ms": 3}
+        kw = {"color": ARM_COLORS[arm], "label": LABELS[arm], "marker": "o", "ms": 3}
         axes[0].plot(steps, [p["landscape"]["loss_range"] for p in pts], **kw)
         axes[1].plot(steps, [p["landscape"]["grad_change"][-1] for p in pts], **kw)
         axes[2].plot(steps, [p["landscape"]["effective_beta"] for p in pts], **kw)
         axes[3].plot(steps, [p["test_accuracy"] for p in pts], **kw)
     eta = summary["step_sizes"][-1]
-    axes[0].set(title="loss variation along −∇L", xlabel="step", yscale="log")
-    axes[1].set(title=f"‖∇L(x − ηg) − ∇L(x)‖, η = {eta:g}", xlabel="step", yscale="log")
-    axes[2].set(title="effective β-smoothness", xlabel="step", yscale="log")
-    axes[3].set(title="test accuracy", xlabel="step")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    axes[0].set(
+        title="(a) Loss variation along −∇L", ylabel="max − min loss (log scale)", yscale="log"
+    )
+    axes[1].set(
+        title=f"(b) Gradient change at η = {eta:g}", ylabel="‖∇L(x − ηg) − ∇L(x)‖ (log scale)",
+        yscale="log",
+    )  # fmt: skip
+    axes[2].set(title="(c) Effective β-smoothness", ylabel="effective β (log scale)", yscale="log")
+    axes[3].set(title="(d) Test accuracy", ylabel="test accuracy", ylim=(0, 1))
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.title.set_fontsize(10)
+        ax.grid(alpha=0.3)
+    figure_legend(fig, axes[0].get_lines(), ncols=2)
+    fig.suptitle(
+        "Loss landscape along −∇L, step sizes η = "
+        + ", ".join(f"{e:g}" for e in summary["step_sizes"])
+        + f" (lr {summary['lr']:g} × multipliers)",
+        fontsize=11,
+    )
+    scale_note(fig, summary)
     paths.append(save_figure(fig, out / "landscape.png"))
     return paths
 

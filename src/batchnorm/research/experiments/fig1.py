@@ -27,11 +27,21 @@ from ..engine.config import RunConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, every
-from ..engine.plots import pyplot, save_figure
+from ..engine.plots import (
+    ARM_COLORS,
+    figure_legend,
+    percentile_label,
+    percentile_linestyle,
+    pyplot,
+    save_figure,
+    scale_note,
+    style_handle,
+)
 from ..engine.report import Claim, Figure, ReportSections, Table, pct
 from ..engine.runner import option
 
 ARMS = ("baseline", "bn")
+LABELS = {"baseline": "Without BN", "bn": "With BN"}  # in the figure
 NAME = "fig1"
 
 
@@ -187,33 +197,64 @@ def run(
 
 # ---------------------------------------------------------------- plots and report
 def plot(summary: dict, out: Path) -> Path:
-    """Three panels like the paper's Figure 1: (a) test accuracy, (b) baseline and (c) BN percentiles."""
+    """Figure 1 as in the paper: (a) test accuracy of both networks from the first evaluation
+    (step 0) over the whole range, with a detail of the later steps where the curves are close;
+    (b) without and (c) with BN the 15th/50th/85th percentiles of the tracked sigmoid's input,
+    on one y-axis."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    colors = {"baseline": "tab:gray", "bn": "tab:blue"}
-    labels = {"baseline": "Without BN", "bn": "With BN"}
+    fig, axd = plt.subplot_mosaic(
+        [["a", "detail"], ["b", "c"]], figsize=(10, 7.2), layout="constrained"
+    )
+    axd["c"].sharey(axd["b"])
+    cfg = summary.get("config", {})
+    per_step = f" (mini-batches of {cfg['batch_size']})" if "batch_size" in cfg else ""
+    first, last = summary["runs"][ARMS[0]]["curve"][0][0], summary["steps"]
+    # the detail: from the first evaluation at or after 20% of training (the paper's Fig. 1a
+    # shows steps 10k-50k of 50k), with every evaluation of that range in view
+    later = [s for s, _ in summary["runs"][ARMS[0]]["curve"] if s >= 0.2 * last]
+    start = later[0] if len(later) >= 2 else first
     for arm in ARMS:
         c = summary["runs"][arm]["curve"]
-        axes[0].plot([s for s, _ in c], [a for _, a in c], color=colors[arm], label=labels[arm])
-    accs = [a for arm in ARMS for _, a in summary["runs"][arm]["curve"][1:]]
-    if accs:
-        lo = sorted(accs)[len(accs) // 20]  # ignore the first few points' very low accuracy
-        axes[0].set_ylim(max(0.0, lo - 0.02), min(1.0, max(accs) + 0.01))
-    axes[0].set(title=f"(a) test accuracy ({summary['dataset']})", xlabel="step")
-    axes[0].legend(loc="lower right")
-    ys = [v for arm in ARMS for k in ("p15", "p85") for v in summary["percentiles"][arm][k]]
-    for ax, arm, tag in ((axes[1], "baseline", "(b)"), (axes[2], "bn", "(c)")):
+        kw = {"color": ARM_COLORS[arm], "label": LABELS[arm], "lw": 1.6}
+        axd["a"].plot([s for s, _ in c], [a for _, a in c], **kw)
+        tail = [(s, a) for s, a in c if s >= start]
+        axd["detail"].plot([s for s, _ in tail], [a for _, a in tail], marker=".", **kw)
+    axd["a"].set_ylim(0.0, 1.0)  # the whole story: from chance level at step 0 up
+    axd["a"].set(
+        title=f"(a) Test accuracy ({summary['dataset']}), from step {first:,}",
+        xlabel=f"training step{per_step}", ylabel="test accuracy",
+    )  # fmt: skip
+    axd["detail"].set(
+        title=f"(a) detail: steps {start:,} to {last:,}",
+        xlabel=f"training step{per_step}", ylabel="test accuracy",
+    )  # fmt: skip
+    axd["detail"].margins(x=0.02, y=0.08)
+    unit = f"sigmoid {cfg['unit']}" if "unit" in cfg else "one sigmoid"
+    for tag, arm in (("b", "baseline"), ("c", "bn")):
+        ax = axd[tag]
         p = summary["percentiles"][arm]
-        for k, ls in (("p15", "--"), ("p50", "-"), ("p85", "--")):
-            ax.plot(p["steps"], p[k], ls, color=colors[arm], label=k)
+        for k, q in (("p15", 15), ("p50", 50), ("p85", 85)):
+            ax.plot(
+                p["steps"], p[k], percentile_linestyle(q), color=ARM_COLORS[arm], lw=1.6,
+                label=percentile_label(q),
+            )  # fmt: skip
         ax.set(
-            title=f"{tag} {labels[arm]}: input to one sigmoid",
-            xlabel="step",
-            ylim=(min(ys) - 0.5, max(ys) + 0.5),
+            title=f"({tag}) {LABELS[arm]}: input to one sigmoid, last hidden layer",
+            xlabel=f"training step{per_step}",
+            ylabel=f"input to {unit} ({'BN(Wu)' if arm == 'bn' else 'Wu + b'})",
         )
-        ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
+        ax.tick_params(labelleft=True)
+    for ax in axd.values():
+        ax.grid(alpha=0.3)
+        ax.title.set_fontsize(10)
+    figure_legend(
+        fig,
+        [style_handle(LABELS[a], ARM_COLORS[a], lw=1.6) for a in ARMS]
+        + [style_handle(percentile_label(q), ls=percentile_linestyle(q)) for q in (15, 50, 85)],
+    )
+    fig.suptitle("Figure 1: sigmoid MLP 784-100-100-100-10 with and without batch normalization")
+    scale_note(fig, summary)
     return save_figure(fig, out / "fig1.png")
 
 

@@ -17,7 +17,7 @@ from ..engine.config import RunConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, every
-from ..engine.plots import pyplot, save_figure
+from ..engine.plots import figure_legend, pyplot, save_figure, scale_note
 from ..engine.report import Claim, Figure, ReportSections, Table, pct
 from ..engine.runner import option
 from .models import BN_IMPLS, LeNet, count_bn_layers, with_bn_impl
@@ -144,19 +144,42 @@ def run(
     )
 
 
-def plot(summary: dict, out: Path) -> None:
-    plt = pyplot()
+COLORS = {"no-BN": "tab:gray", "BN": "tab:blue", "BN-recipe": "tab:orange"}  # in the figure
+MARKERS = {"no-BN": "o", "BN": "s", "BN-recipe": "^"}
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for (name, r), c in zip(summary["nets"].items(), ("C0", "C1", "C2"), strict=False):
-        axes[0].plot(r["epochs"], r["train_acc"], color=c, label=name)
-        axes[1].plot(r["epochs"], r["test_acc_curve"], color=c, label=name)
-    for ax, t in zip(axes, ("train accuracy (augmented batches)", "test accuracy"), strict=True):
-        ax.set_title(t)
-        ax.set_xlabel("epoch")
+
+def plot(summary: dict, out: Path) -> None:
+    """lenet_curves.png: train and test accuracy per epoch of the three nets, on one y-axis."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    mult = summary.get("config", {}).get("recipe_lr_mult")
+    what = {
+        "no-BN": "no-BN",
+        "BN": "BN (same settings)",
+        "BN-recipe": f"BN-recipe (lr x{mult:g}, no dropout)" if mult else "BN-recipe",
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True, layout="constrained")
+    for name, r in summary["nets"].items():
+        kw = {
+            "color": COLORS.get(name), "marker": MARKERS.get(name, "o"), "ms": 4, "lw": 1.6,
+            "label": what.get(name, name) + (" (diverged)" if r.get("diverged") else ""),
+        }  # fmt: skip
+        axes[0].plot(r["epochs"], r["train_acc"], **kw)
+        axes[1].plot(r["epochs"], r["test_acc_curve"], **kw)
+    for ax, title, ylabel in zip(
+        axes,
+        ("(a) Train accuracy (augmented batches)", "(b) Test accuracy"),
+        ("train accuracy (epoch mean)", "test accuracy (end of epoch)"),
+        strict=True,
+    ):
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelleft=True)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    figure_legend(fig, axes[0].get_lines(), ncols=3)
     fig.suptitle(f"LeNet on {summary['dataset']}: with and without BN")
+    scale_note(fig, summary)
     save_figure(fig, out / "lenet_curves.png")
 
 

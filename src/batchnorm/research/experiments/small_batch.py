@@ -33,7 +33,7 @@ from ..engine.config import RunConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, evaluate
-from ..engine.plots import pyplot, save_figure
+from ..engine.plots import figure_legend, pyplot, save_figure, scale_note
 from ..engine.report import Claim, Figure, ReportSections, Table, pct
 from ..engine.runner import option
 
@@ -243,24 +243,43 @@ def run(
 
 
 # ---------------------------------------------------------------- plots and report
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def plot(summary: dict, out: Path) -> None:
+    """small_batch.png: test accuracy vs per-device batch size, EMA vs recomputed statistics,
+    on one y-axis."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True, layout="constrained")
+    sizes = sorted({int(b) for rows in summary["table"].values() for b in rows})
     for i, (label, rows) in enumerate(summary["table"].items()):
         bs = sorted(rows, key=int)
         for ax, key in zip(axes, ("ema_acc", "recomputed_acc"), strict=True):
             ax.plot(
-                [int(b) for b in bs], [rows[b][key] for b in bs], "o-", color=f"C{i}", label=label
-            )
-    for ax, t in zip(axes, ("EMA running statistics", "recomputed (Algorithm 2)"), strict=True):
+                [int(b) for b in bs], [rows[b][key] for b in bs], color=f"C{i}",
+                marker=MARKERS[i % len(MARKERS)], ms=5, lw=1.6, label=label,
+            )  # fmt: skip
+    for ax, t in zip(
+        axes,
+        ("(a) Evaluated with the EMA running statistics",
+         "(b) Evaluated with recomputed statistics (Algorithm 2)"),
+        strict=True,
+    ):  # fmt: skip
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("per-device batch size")
-        ax.set_title(f"test accuracy, {t}")
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("per-device batch size (log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(t, fontsize=10)
+        ax.tick_params(labelleft=True)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy")
-    axes[0].legend()
-    fig.suptitle(f"Small batches on {summary['dataset']}")
+    figure_legend(fig, axes[0].get_lines(), ncols=4)
+    fig.suptitle(
+        f"Small batches on {summary['dataset']}: the same convnet, "
+        f"{summary.get('train_examples', '?')} training examples"
+    )
+    scale_note(fig, summary)
     save_figure(fig, out / "small_batch.png")
 
 
