@@ -129,23 +129,31 @@ def test_quick_run_end_to_end_then_report(capsys, tmp_path):
 
 
 def test_one_default_per_option_across_commands(capsys):
-    """An option that several experiments share means the same thing and has one default; the
-    shared ones (data, seed) come from one base class; help states each default once."""
+    """The options every experiment shares come from one base class each (seed; the digit data
+    sets; the device options), are never redefined, and the run's infrastructure options have
+    one default wherever they appear; help states each default once."""
     import dataclasses
 
-    from batchnorm.research.engine.config import RunConfig
+    from batchnorm.research.engine.config import DataConfig, DeviceConfig, RunConfig
     from batchnorm.research.experiments import EXPERIMENTS, load_experiment
 
-    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    bases = {f.name: f for c in (DataConfig, DeviceConfig) for f in dataclasses.fields(c)}
+    infrastructure = {"threads": 1, "workers": None, "loader_workers": None, "quiet": None}
+    defaults: dict[str, set] = {}
     for name in EXPERIMENTS:
         cls = load_experiment(name).Config
         assert issubclass(cls, RunConfig), name
         for f in dataclasses.fields(cls):
-            if f.name in shared:  # not redefined with another default or help
-                base = next(g for g in dataclasses.fields(RunConfig) if g.name == f.name)
-                assert (f.default, f.metadata) == (base.default, base.metadata), (name, f.name)
+            if f.name in bases:  # never redefined with another default
+                assert f.default == bases[f.name].default, (name, f.name)
+                if issubclass(cls, DataConfig):  # nor another meaning
+                    assert f.metadata == bases[f.name].metadata, (name, f.name)
+            if f.name in infrastructure:
+                defaults.setdefault(f.name, set()).add(f.default)
         with pytest.raises(SystemExit):
             cli.main(["reproduce", name, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: None)" not in text and "Config.quick" not in text, name
-        assert text.count("(default: auto)") == 1, name  # --dataset, once
+        if issubclass(cls, DataConfig):
+            assert text.count("(default: auto)") == 1 + issubclass(cls, DeviceConfig), name
+    assert all(len(v) == 1 for v in defaults.values()), defaults

@@ -52,7 +52,7 @@ def test_the_core_declares_torch_and_ninja_only():
     core = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in meta["dependencies"]}
     assert core == {"torch", "ninja"}
     extra = meta["optional-dependencies"]["experiments"]
-    for dist in ("matplotlib", "tqdm", "numpy", "scikit-learn"):
+    for dist in ("matplotlib", "tqdm", "numpy", "scikit-learn", "pillow"):
         assert any(d.startswith(dist) for d in extra), dist
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 import importlib.util
 
 # import name -> distribution name, for the message below
-_EXTRA = {"matplotlib": "matplotlib", "tqdm": "tqdm", "numpy": "numpy", "sklearn": "scikit-learn"}
+_EXTRA = {
+    "matplotlib": "matplotlib", "tqdm": "tqdm", "numpy": "numpy", "sklearn": "scikit-learn",
+    "PIL": "pillow",
+}  # fmt: skip
 
 
 def missing_extras() -> list[str]:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
 
+from .engine.launch import RankStopped
 from .engine.runner import CheckpointError
 from .experiments import EXPERIMENTS, load_experiment
 
@@ -164,7 +166,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     mod, parser = args._module, args._parser
     cls = mod.Config
     base = cls.quick() if args.quick else cls()
-    if args.quick:
+    lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for all
+    if args.quick and lead:
         announce_quick(cls, f"reproduce {args.experiment}")
     overrides = {
         f.name: getattr(args, f.name)
@@ -184,9 +187,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, RankStopped) as e:
         print(f"batchnorm reproduce {args.experiment}: error: {e}", file=sys.stderr)
         return 1
+    if not summary:  # a torchrun rank other than 0: rank 0 writes and prints
+        return 0
     from .engine.report import render_report
 
     page = render_report(out)

@@ -1,21 +1,23 @@
 """The engine's data seam: where an arm's mini-batches and test batches come from.
 
 The loop asks a :class:`Data` for an iterator over the mini-batches of steps ``start..stop-1``
-(so a ``torch.utils.data.DataLoader`` behind it can prefetch with workers) and for the test
-set in batches. :class:`TensorData` serves datasets that fit in memory (every experiment
-here); a data set of image files implements the same two methods with a DataLoader whose
-batch sampler yields ``Batches.indices(step, rank, world)``.
-"""
+(so a ``torch.utils.data.DataLoader`` behind it can prefetch with workers), this rank's share
+of each, augmented as the arm asks; and for its shard of the test set. Augmentation is the
+data's job: each example's random transform is seeded by (run seed, arm, step), so a resumed
+or re-sharded run sees the same examples the same way. :class:`TensorData` serves data sets
+that fit in memory; :class:`batchnorm.research.data.images.ImageFolderData` decodes image
+files in DataLoader workers."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from ..data.augment import Augment, random_affine
 from .sampler import Batches, step_seed
 
 __all__ = ["Data", "TensorData"]
@@ -27,13 +29,25 @@ class Data(Protocol):
     n_train: int
 
     def train_batches(
-        self, batches: Batches, start: int, stop: int, rank: int = 0, world: int = 1
+        self,
+        batches: Batches,
+        start: int,
+        stop: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        augment: Any = None,
+        tag: str = "",
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """(x, y) of steps ``start..stop-1``: this rank's share of each global mini-batch."""
+        """(x, y) of steps ``start..stop-1``: this rank's share of each global mini-batch,
+        augmented as ``augment`` (its type is the data's) says, seeded by ``tag`` and step."""
         ...
 
-    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """The whole test split, in order, ``batch_size`` examples at a time."""
+    def test_batches(
+        self, batch_size: int, *, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's shard of the test split, in order; the shards of ranks 0..world-1
+        together hold every test example exactly once."""
         ...
 
 
@@ -53,15 +67,31 @@ class TensorData:
         return len(self.train_x)
 
     def train_batches(
-        self, batches: Batches, start: int, stop: int, rank: int = 0, world: int = 1
+        self,
+        batches: Batches,
+        start: int,
+        stop: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        augment: Augment | None = None,
+        tag: str = "",
     ) -> Iterator[tuple[Tensor, Tensor]]:
         for step in range(start, stop):
             idx = batches.indices(step, rank, world)
-            yield self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
+            x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
+            if augment is not None and not augment.off:
+                seed = step_seed(batches.seed, f"augment/{tag}", step * world + rank)
+                g = torch.Generator().manual_seed(seed)
+                x = random_affine(x, augment.rotation, augment.shear, augment.zoom, generator=g)
+            yield x, y
 
-    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        for i in range(0, len(self.test_x), batch_size):
-            yield self.test_x[i : i + batch_size], self.test_y[i : i + batch_size]
+    def test_batches(
+        self, batch_size: int, *, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        x, y = self.test_x[rank::world], self.test_y[rank::world]
+        for i in range(0, len(x), batch_size):
+            yield x[i : i + batch_size], y[i : i + batch_size]
 
     def flat(self) -> TensorData:
         """Each example as one vector (for MLPs), contiguous."""

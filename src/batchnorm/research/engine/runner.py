@@ -1,9 +1,9 @@
 """Building blocks every experiment uses: run directory, atomic files, metrics, checkpoints, RNG.
 
 A run directory holds ``config.json`` (the experiment name, its config, library versions),
-``metrics.jsonl`` (one JSON object per line, appended as training goes), ``checkpoint*.pt``
-(written atomically every N steps, with every RNG state needed for an exact resume),
-``summary.json``, ``*.png`` and ``report.html``.
+``metrics.jsonl`` (one JSON object per evaluation, appended as training goes),
+``checkpoint-<arm>.pt`` (one per network, written atomically after each evaluation's record;
+tensors and plain data only), ``summary.json``, ``*.png`` and ``report.html``.
 
 The training loop (:mod:`.loop`) and the experiment driver (:mod:`.launch`) use these; an
 experiment module never writes a run directory's files itself.

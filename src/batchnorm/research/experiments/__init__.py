@@ -1,13 +1,20 @@
 """The paper's experiments, runnable as ``batchnorm reproduce NAME``.
 
-``EXPERIMENTS`` maps a CLI name to the module implementing it. Each module defines
+``EXPERIMENTS`` maps a CLI name to the module implementing it. An experiment is a config, a
+model and what to measure; the engine (:func:`batchnorm.research.engine.launch.run_experiment`)
+does the rest. Each module defines
 
-- ``Config``: a dataclass; every field has a default and ``metadata={"help": ...}`` and
-  becomes a ``--kebab-case`` CLI option; ``Config.quick()`` returns the CI-sized config;
-- ``run(cfg, out, *, resume=False, overwrite=False, quiet=False) -> dict``: trains, writes the run directory
-  (see :mod:`batchnorm.research.engine.runner`) and returns the summary (also in summary.json);
-- ``report(summary, run_dir) -> ReportSections``: what ``report.html`` shows for it
-  (see :mod:`batchnorm.research.engine.report`).
+- ``NAME`` and ``Config``: a dataclass deriving from ``engine.config.RunConfig`` (and
+  ``DataConfig`` / ``DeviceConfig`` for the shared options); every field has a default and
+  ``metadata={"help": ...}`` and becomes a ``--kebab-case`` option; ``Config.quick()`` is the
+  CI-sized run;
+- ``load(cfg) -> Data``: the data (``engine.data``); it fails before anything is written;
+- ``arms(cfg, data) -> list[Arm]``: the networks to train and what to measure on them;
+- ``summarize(cfg, data, results) -> dict``: summary.json from each arm's result;
+- ``plot(summary, out)``, ``report(summary, run_dir) -> ReportSections`` and
+  ``describe(summary) -> str``: the figures, its part of report.html, the terminal lines;
+- ``run(cfg, out, *, resume=False, overwrite=False, quiet=False) -> dict``: one line calling
+  ``run_experiment`` with the module itself.
 
 To add one: write the module, then add one line to ``EXPERIMENTS``.
 """
@@ -24,6 +31,7 @@ EXPERIMENTS: dict[str, str] = {
     "claims": "batchnorm.research.experiments.claims",
     "diagnose": "batchnorm.research.experiments.diagnose",
     "small-batch": "batchnorm.research.experiments.small_batch",
+    "imagenet": "batchnorm.research.experiments.imagenet",
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.augment import Augment
-from ..engine.config import RunConfig, load_tensor_data
+from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, every
@@ -39,7 +39,7 @@ _h = option
 
 
 @dataclass
-class Config(RunConfig):
+class Config(DataConfig):
     """Settings of the ablation; the default budget fits ~25 min on 2 shared cores (see docs)."""
 
     steps: int = field(default=2000, metadata=_h("training steps per variant (the shared budget)"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..engine.config import RunConfig, load_tensor_data
+from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, build, evaluate, every
@@ -46,7 +46,7 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 @dataclass
-class Config(RunConfig):
+class Config(DataConfig):
     """Settings of the claims study (defaults: 32 nets; estimated 5-10 min on 2 idle cores)."""
 
     train_examples: int = field(default=10000, metadata=_h("training subset size (0: all)"))

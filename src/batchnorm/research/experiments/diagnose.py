@@ -33,7 +33,7 @@ from ...diagnostics.health import bn_health, bn_layers
 from ...diagnostics.ics import default_ics_layers, internal_covariate_shift
 from ...diagnostics.landscape import gradient_landscape
 from ...diagnostics.tracker import ActivationTracker
-from ..engine.config import RunConfig, load_tensor_data
+from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm
@@ -60,7 +60,7 @@ _opt = option
 
 
 @dataclass
-class Config(RunConfig):
+class Config(DataConfig):
     """Settings of one diagnose run."""
 
     model: str = field(

@@ -23,7 +23,7 @@ from torch import nn
 
 import batchnorm
 
-from ..engine.config import RunConfig, load_tensor_data
+from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, every
@@ -49,7 +49,7 @@ _opt = option
 
 
 @dataclass
-class Config(RunConfig):
+class Config(DataConfig):
     """Settings of one Figure 1 run (defaults: the paper's setup)."""
 
     steps: int = field(default=50_000, metadata=_opt("training steps (mini-batches)"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.augment import Augment
-from ..engine.config import RunConfig, load_tensor_data
+from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, every
@@ -34,7 +34,7 @@ _h = option
 
 
 @dataclass
-class Config(RunConfig):
+class Config(DataConfig):
     """Settings of the LeNet study (defaults: the published run's 20 epochs at batch 128)."""
 
     epochs: int = field(default=20, metadata=_h("training epochs per net"))

@@ -29,7 +29,7 @@ from torch import nn
 
 from ...layers import BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, SyncBatchNorm
 from ...tools import recompute_population_stats
-from ..engine.config import RunConfig, load_tensor_data
+from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
 from ..engine.launch import run_experiment
 from ..engine.loop import Arm, evaluate
@@ -46,7 +46,7 @@ _h = option
 
 
 @dataclass
-class Config(RunConfig):
+class Config(DataConfig):
     """Settings of the small-batch study."""
 
     batch_sizes: str = field(
