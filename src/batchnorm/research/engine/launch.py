@@ -32,6 +32,7 @@ import importlib
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -49,7 +50,14 @@ from .runner import (
     read_checkpoint,
 )
 
-__all__ = ["RankStopped", "resolve_device", "run_experiment", "runtime_of", "scale_of"]
+__all__ = [
+    "RankStopped",
+    "experiment_runner",
+    "resolve_device",
+    "run_experiment",
+    "runtime_of",
+    "scale_of",
+]
 
 
 # where and how a run executes, not how much it computes: not part of its scale
@@ -143,11 +151,12 @@ def _on_group(arm: Arm, world: int) -> Arm:
     )
 
 
-def _print_plan(exp: ModuleType, arms: list[Arm], rt: Runtime) -> None:
+def _print_plan(exp: ModuleType, arms: list[Arm], rt: Runtime, workers: int) -> None:
     total = sum(a.steps for a in arms)
+    at_once = f", {workers} at a time in worker processes" if workers > 1 else ""
     lines = [
-        f"{exp.NAME}: {len(arms)} arm(s) on {arms[0].world if arms else 1} process(es), "
-        f"{rt.device}, amp {rt.amp}; {total:,} training steps in all"
+        f"{exp.NAME}: {len(arms)} network(s), each on {arms[0].world if arms else 1} "
+        f"process(es){at_once}, {rt.device}, amp {rt.amp}; {total:,} training steps in all"
     ]
     lines += [f"  {a.name}: {a.steps:,} steps of {a.batch_size} examples" for a in arms]
     print("\n".join(lines), file=sys.stderr)
@@ -267,10 +276,9 @@ def run_experiment(
         keep_records(
             out / "metrics.jsonl", lambda r: r.get("step", 0) <= done.get(r.get("arm"), -1)
         )
-        if not quiet:
-            _print_plan(exp, arms, rt)
-
     workers = int(getattr(cfg, "workers", 1))
+    if lead and not quiet:
+        _print_plan(exp, arms, rt, workers)
     threads = int(getattr(cfg, "threads", 0)) or torch.get_num_threads()
     cfg_dict = dataclasses.asdict(cfg)
 
@@ -345,3 +353,20 @@ def _agree(ok: bool) -> None:
     dist.broadcast_object_list(box, src=0)
     if not box[0]:
         raise RankStopped("rank 0 stopped (see its error); this rank stops too")
+
+
+def experiment_runner(module: str) -> Callable[..., dict[str, Any]]:
+    """The ``run`` function of the experiment module named ``module``: write ``run =
+    experiment_runner(__name__)`` in it."""
+
+    def run(
+        cfg: Any, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Train the experiment's arms for ``cfg`` into the run directory ``out``; write
+        summary.json and the figures; return the summary."""
+        return run_experiment(
+            sys.modules[module], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
+        )
+
+    return run

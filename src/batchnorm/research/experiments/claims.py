@@ -12,7 +12,6 @@ Every claim gets a plot and a verdict (reproduced / partly / not) with the numbe
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
-from ..engine.launch import run_experiment
+from ..engine.launch import experiment_runner
 from ..engine.loop import Arm, build, evaluate, every
 from ..engine.plots import figure_legend, pyplot, save_figure, scale_note, style_handle
 from ..engine.report import Claim, Figure, ReportSections, Table
@@ -372,14 +371,7 @@ def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
     }
 
 
-def run(
-    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-    quiet: bool = False,
-) -> dict:  # fmt: skip
-    """Train every net of the five claims; verdicts, plots, summary."""
-    return run_experiment(
-        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
-    )
+run = experiment_runner(__name__)
 
 
 PLOTS = (

@@ -14,7 +14,6 @@ they train in two processes (one thread each); ``workers=1`` trains them one aft
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import batchnorm
 
 from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
-from ..engine.launch import run_experiment
+from ..engine.launch import experiment_runner
 from ..engine.loop import Arm, every
 from ..engine.plots import (
     ARM_COLORS,
@@ -185,14 +184,7 @@ def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
     return {"steps": cfg.steps, "runs": runs, "percentiles": percentiles, "wall_seconds": wall}
 
 
-def run(
-    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-    quiet: bool = False,
-) -> dict:  # fmt: skip
-    """Train both networks; write the run directory (summary.json, fig1.png); the summary."""
-    return run_experiment(
-        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
-    )
+run = experiment_runner(__name__)
 
 
 # ---------------------------------------------------------------- plots and report

@@ -31,7 +31,6 @@ Choices the paper leaves open, with the reason for each (all are options):
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from ..engine.config import DeviceConfig, RunConfig
-from ..engine.launch import run_experiment
+from ..engine.launch import experiment_runner
 from ..engine.loop import Arm, every
 from ..engine.plots import pyplot, save_figure
 from ..engine.report import Claim, Figure, ReportSections, Table, pct
@@ -283,14 +282,7 @@ def _parameters(cfg: Config, classes: int) -> dict[str, int]:
     }
 
 
-def run(
-    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-    quiet: bool = False,
-) -> dict:  # fmt: skip
-    """Train the variants (and the ensemble); write the run directory; the summary."""
-    return run_experiment(
-        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
-    )
+run = experiment_runner(__name__)
 
 
 # ---------------------------------------------------------------- figures and report

@@ -8,14 +8,13 @@ paper's Section 4.2 recipe (learning rate ×5, no dropout).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.augment import Augment
 from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
-from ..engine.launch import run_experiment
+from ..engine.launch import experiment_runner
 from ..engine.loop import Arm, every
 from ..engine.plots import figure_legend, pyplot, save_figure, scale_note
 from ..engine.report import Claim, Figure, ReportSections, Table, pct
@@ -134,14 +133,7 @@ def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
     }
 
 
-def run(
-    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-    quiet: bool = False,
-) -> dict:  # fmt: skip
-    """Train the three nets for ``cfg.epochs`` each; write the run directory; the summary."""
-    return run_experiment(
-        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
-    )
+run = experiment_runner(__name__)
 
 
 COLORS = {"no-BN": "tab:gray", "BN": "tab:blue", "BN-recipe": "tab:orange"}  # in the figure

@@ -21,7 +21,6 @@ size its BN saw in training (b; 2b for sync; virtual batches of b for ghost).
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from ...layers import BatchNorm2d, BatchRenorm2d, GhostBatchNorm2d, SyncBatchNor
 from ...tools import recompute_population_stats
 from ..engine.config import DataConfig, load_tensor_data
 from ..engine.data import TensorData
-from ..engine.launch import run_experiment
+from ..engine.launch import experiment_runner
 from ..engine.loop import Arm, evaluate
 from ..engine.plots import figure_legend, pyplot, save_figure, scale_note
 from ..engine.report import Claim, Figure, ReportSections, Table, pct
@@ -232,14 +231,7 @@ def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
     }
 
 
-def run(
-    cfg: Config, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-    quiet: bool = False,
-) -> dict:  # fmt: skip
-    """Every (method, batch size) run: train, then EMA vs recomputed statistics."""
-    return run_experiment(
-        sys.modules[__name__], cfg, out, resume=resume, overwrite=overwrite, quiet=quiet
-    )
+run = experiment_runner(__name__)
 
 
 # ---------------------------------------------------------------- plots and report
