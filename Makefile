@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m batchnorm.ops.native  # compile the C++ kernels now (~1 min), not inside the first test
+	$(PY) -m batchnorm.ops  # compile the C++ kernels now (~1 min), not inside the first test
 	touch $(STAMP)
 
 setup: $(STAMP)

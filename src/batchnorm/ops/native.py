@@ -134,12 +134,3 @@ def op(*args: Any) -> tuple[Any, Any, Any]:
     """``batchnorm::batch_norm(*args)`` (schema in ``csrc/bn_cpu.cpp``); the extension must be
     loaded."""
     return _ext.batch_norm(*args)
-
-
-if __name__ == "__main__":  # `python -m batchnorm.ops.native`: build now (make setup does)
-    print(
-        "batchnorm C++ kernels:",
-        "ready"
-        if load(verbose="-v" in sys.argv) is not None
-        else "unavailable (torch's kernel is used)",
-    )
