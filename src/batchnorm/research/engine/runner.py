@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -34,21 +33,16 @@ __all__ = [
     "atomic_save",
     "atomic_write_bytes",
     "atomic_write_json",
-    "config_from_dict",
     "die_with_parent",
     "env_info",
     "CheckpointError",
-    "get_rng_state",
     "read_checkpoint",
-    "load_checkpoint",
     "prepare_run_dir",
     "progress",
     "read_json",
     "read_metrics",
     "RunDirError",
     "save_checkpoint",
-    "seed_everything",
-    "set_rng_state",
     "Stopwatch",
 ]
 
@@ -135,47 +129,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------- RNG and checkpoints
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, numpy's global RNG and torch's default generator."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def get_rng_state(*generators: torch.Generator) -> dict:
-    """Every RNG state a run depends on: Python, numpy, torch's default, and ``generators``;
-    as tensors and plain data only, so a checkpoint loads with ``weights_only=True``."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "generators": [g.get_state() for g in generators],
-    }
-
-
-def set_rng_state(state: dict, *generators: torch.Generator) -> None:
-    """Restore what :func:`get_rng_state` returned (same generators, same order)."""
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt.tolist()), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if len(state["generators"]) != len(generators):
-        raise ValueError(
-            f"checkpoint holds {len(state['generators'])} generator states, got {len(generators)} generators"
-        )
-    for g, s in zip(generators, state["generators"], strict=True):
-        g.set_state(s)
-
-
-def save_checkpoint(
-    path: str | os.PathLike, *, step: int, generators: Iterable[torch.Generator] = (), **state: Any
-) -> Path:
-    """Atomically save ``state`` (state_dicts, tensors, lists) plus ``step`` and all RNG states."""
-    return atomic_save({"step": int(step), "rng": get_rng_state(*generators), **state}, path)
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | os.PathLike, *, step: int, **state: Any) -> Path:
+    """Atomically save ``state`` (state_dicts, tensors, plain data) plus ``step``. No RNG state:
+    every draw of a run is seeded from (seed, tag, step), so a resume needs none."""
+    return atomic_save({"step": int(step), **state}, path)
 
 
 class CheckpointError(RuntimeError):
@@ -204,34 +162,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def load_checkpoint(
-    path: str | os.PathLike, *, generators: Iterable[torch.Generator] = ()
-) -> dict | None:
-    """The saved dict (RNG states restored into the global RNGs and ``generators``), or None
-    when there is no file; see :func:`read_checkpoint` for how it is read."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    ckpt = read_checkpoint(path)
-    set_rng_state(ckpt["rng"], *generators)
-    return ckpt
-
-
 # ---------------------------------------------------------------- run directory and config
 def option(help: str, **kw: Any) -> dict:
     """``field(metadata=option("..."))``: the help text the CLI shows for a Config field."""
     return {"help": help, **kw}
-
-
-def config_from_dict(cls: type, data: dict) -> Any:
-    """Rebuild a config dataclass from ``config.json``'s ``"config"``; unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(
-            f"{cls.__qualname__}: unknown config keys {unknown}; known: {sorted(names)}"
-        )
-    return cls(**data)
 
 
 def env_info() -> dict:
