@@ -316,6 +316,7 @@ def arms(cfg: Config, data: TensorData) -> list[Arm]:
             track=track,
             order="diagnose",
             init="diagnose",
+            meta={"start_step": start},  # summarize reads it here, not from the fig1 files again
         )  # fmt: skip
         for arm in ARMS
     ]
@@ -340,7 +341,7 @@ def _mean(xs: list[float]) -> float:
 
 def summarize(cfg: Config, data: TensorData, results: dict[str, dict]) -> dict:
     """Per-arm measurements (steps counted from the start), aggregates, the plain statement."""
-    start = start_step(cfg)
+    start = results[ARMS[0]]["start_step"]
     agg: dict[str, dict[str, float]] = {}
     points = {}
     for arm, res in results.items():
