@@ -473,7 +473,9 @@ void stats(const Tensor& x, const Geo& g, double* mean, double* var) {
 
 // ================================================================== y = act(γ x̂ + β)
 // act(z) and act'(z) as torch computes them (torch/csrc and ATen's activation kernels): the
-// same branch points, so the fused layer's gradients equal BN followed by torch's module.
+// same branch points, so the fused layer's gradients equal BN followed by torch's module. Where
+// torch divides by 3 or 6, these multiply by the reciprocal (an ulp apart at most): a vector
+// divide would cost more than the memory traffic of the loops it sits in.
 template <typename T>
 inline T sigmoid(T z) { return T(1) / (T(1) + std::exp(-z)); }
 
@@ -485,8 +487,8 @@ inline T act_value(T z, T alpha) {
   switch (ACT) {
     case ACT_RELU6: return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
     case ACT_SILU: return z * sigmoid(z);
-    case ACT_HARDSWISH: return z <= T(-3) ? T(0) : (z >= T(3) ? z : z * (z + T(3)) / T(6));
-    case ACT_HARDSIGMOID: return z <= T(-3) ? T(0) : (z >= T(3) ? T(1) : z / T(6) + T(0.5));
+    case ACT_HARDSWISH: return z <= T(-3) ? T(0) : (z >= T(3) ? z : z * (z + T(3)) * T(1.0 / 6));
+    case ACT_HARDSIGMOID: return z <= T(-3) ? T(0) : (z >= T(3) ? T(1) : z * T(1.0 / 6) + T(0.5));
     case ACT_GELU: return T(0.5) * z * (T(1) + std::erf(z * T(kSqrt1_2)));
     case ACT_GELU_TANH:
       return T(0.5) * z * (T(1) + std::tanh(T(kGeluBeta) * (z + T(kGeluKappa) * z * z * z)));
@@ -506,7 +508,7 @@ inline T act_slope(T z, T alpha) {  // act'(z)
       const T s = sigmoid(z);
       return s * (T(1) + z * (T(1) - s));
     }
-    case ACT_HARDSWISH: return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
+    case ACT_HARDSWISH: return z < T(-3) ? T(0) : (z <= T(3) ? z * T(1.0 / 3) + T(0.5) : T(1));
     case ACT_HARDSIGMOID: return (z > T(-3) && z < T(3)) ? T(1) / T(6) : T(0);
     case ACT_GELU:
       return T(0.5) * (T(1) + std::erf(z * T(kSqrt1_2))) +
