@@ -34,6 +34,8 @@ CASES = [
     ((37, 3, 10, 10), False),  # short planes: several samples of one channel per work item
     ((130, 6, 9, 11), False),  # the same above the one-thread cut-off, last item partial
     ((40, 6, 4, 4, 7), True),  # channels_last_3d above the one-thread cut-off
+    ((4, 16, 40, 40), False),  # channels enough for one sweep per channel (bn_cpu.cpp: sweeps)
+    ((2, 8, 70, 70), False),  # the same with planes of two blocks
 ]
 IDS = [f"{'x'.join(map(str, s))}{'-cl' if cl else ''}" for s, cl in CASES]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -340,3 +342,22 @@ def test_nan_propagates_instead_of_being_hidden(shape, cl):
         y, mean, var = _op(x, None, None, act=act)
         assert torch.isnan(mean[2]) and torch.isnan(var[2]) and torch.isnan(y[:, 2]).all()
         assert not torch.isnan(y[:, :2]).any() and not torch.isnan(mean[:2]).any()
+
+
+@pytest.mark.parametrize("act,save", [(0, 1), (1, 1), (2, 0), (5, 1)])
+@pytest.mark.parametrize("shape", [(4, 16, 40, 40), (2, 8, 70, 70)], ids=str)
+def test_channel_sweep_equals_two_passes(shape, act, save):
+    """With one thread these shapes take the one-sweep-per-channel kernels, with many threads
+    (more than C/4) the two-pass kernels: the same work items and sums in the same order, so the
+    same numbers up to the compiler's choice of fused multiply-adds."""
+    x, w, b, dy = _make(shape, False, torch.float32, seed=3)
+    old = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, shape[1]):
+            torch.set_num_threads(threads)
+            runs.append(_kernel_run(x, w, b, dy, act=act, save=save))
+    finally:
+        torch.set_num_threads(old)
+    for name, a, b_ in zip(("y", "mean", "var", "dx", "dgamma", "dbeta"), *runs, strict=True):
+        torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-6, msg=name)

@@ -6,7 +6,8 @@
 // Why these kernels are faster than torch.nn's on CPU:
 //   * memory passes: the training forward reads x once for the statistics and once more to write
 //     y; the backward reads (dy, x) once for the per-channel sums Σdy and Σdy·(x − μ) and once more
-//     to write dx: eight passes over an activation in all (docs/performance.md);
+//     to write dx: eight passes over an activation in all (docs/performance.md). With channels
+//     enough, both go one channel at a time, so each second read comes from cache (sweeps());
 //   * the parallel loops run on PyTorch's own OpenMP pool (at::parallel_for);
 //   * one call does the whole training step: statistics, normalization (+ activation), the
 //     running-statistics update and the autograd node. On a (60, 100) batch that per-call
@@ -68,6 +69,7 @@ constexpr int64_t kBlock = 4096;           // planes: values per work item (16 K
 constexpr int64_t kSubRows = 256;          // rows: rows per sub-block (≤ 256 float32 terms per sum)
 constexpr int64_t kGrain = 32768;          // values per parallel task, at least
 constexpr int64_t kSerialBelow = 1 << 16;  // fewer values: one thread, float64 accumulators
+constexpr int64_t kSweepPlane = 256;       // shorter planes: two passes (see sweeps)
 
 template <typename T> struct OpMath { using type = float; };   // float32, bfloat16: float32
 template <> struct OpMath<double> { using type = double; };
@@ -260,19 +262,32 @@ std::vector<double> as_f64(const Tensor& t, int64_t C, double fill) {
 
 // y = (x − μ_hi)·a + bb: a = γ/sqrt(σ² + ε), bb = β − μ_lo·a with μ = μ_hi + μ_lo.
 template <typename T>
+struct Coeffs {
+  T mhi, a, bb;
+};
+
+template <typename T>
+Coeffs<T> coeffs(double mean, double var, double w, double b, double eps) {
+  const double sc = w / std::sqrt(var + eps);
+  const T hi = T(mean);
+  return {hi, T(sc), T(b - (mean - double(hi)) * sc)};
+}
+
+// The coefficients of every channel, as vectors (the loops over rows read them per channel).
+template <typename T>
 struct Affine {
   std::vector<T> mhi, a, bb;
   Affine(const double* mean, const double* var, const std::vector<double>& w,
          const std::vector<double>& b, double eps, int64_t C)
       : mhi(C), a(C), bb(C) {
     for (int64_t c = 0; c < C; ++c) {
-      const double sc = w[c] / std::sqrt(var[c] + eps);
-      const T hi = T(mean[c]);
-      mhi[c] = hi;
-      a[c] = T(sc);
-      bb[c] = T(b[c] - (mean[c] - double(hi)) * sc);
+      const Coeffs<T> k = coeffs<T>(mean[c], var[c], w[c], b[c], eps);
+      mhi[c] = k.mhi;
+      a[c] = k.a;
+      bb[c] = k.bb;
     }
   }
+  Coeffs<T> operator[](int64_t c) const { return {mhi[c], a[c], bb[c]}; }
 };
 
 // ================================================================== statistics (Algorithm 1)
@@ -298,6 +313,8 @@ struct PlaneItems {
     items = ngroups * C * nb;
   }
   int64_t grain() const { return std::max<int64_t>(1, kGrain / (npp * bs)); }
+  int64_t per_channel() const { return ngroups * nb; }
+  int64_t channel(int64_t it) const { return (it / nb) % C; }
   // f(item) for each item of channel c, sample group by sample group: the merge order.
   template <typename F>
   void each_of_channel(int64_t c, F&& f) const {
@@ -316,6 +333,21 @@ struct PlaneItems {
   }
 };
 
+// The training kernels over planes read each value twice: once for the channel's sums, once to
+// write y (forward) or dx (backward). Pass by pass, the second read of a tensor larger than the
+// caches comes from memory again. Channel by channel (a sweep), it finds the channel's N·L values
+// still in this core's cache: memory sees each tensor once, three tensors' worth of traffic in
+// backward instead of five, two in forward instead of three. A sweep runs the same items, sums
+// and merges in the same order, so its numbers are the two-pass kernels' bit for bit. It needs
+// channels enough to share out between the threads, and values enough to share at all (smaller
+// tensors stay in cache and take one thread anyway).
+bool sweeps(const Geo& g) {
+  return !g.rows && g.L >= kSweepPlane && g.numel() >= kSerialBelow &&
+         g.C >= 4 * int64_t(at::get_num_threads());
+}
+
+int64_t sweep_grain(const Geo& g) { return std::max<int64_t>(1, kGrain / (g.outer * g.L)); }
+
 template <typename acc_t>
 inline acc_t lane_sum(const acc_t* v) {
   acc_t t = 0;
@@ -323,58 +355,72 @@ inline acc_t lane_sum(const acc_t* v) {
   return t;
 }
 
+// One work item's (mean, M2 = Σ(x − mean)², count).
+struct Moments {
+  double mean, m2, n;
+};
+
+template <typename scalar_t, typename acc_t>
+Moments item_moments(const scalar_t* x, const Geo& g, const PlaneItems& pi, int64_t it) {
+  const int64_t L = g.L, C = g.C;
+  int64_t c, n0, n1, lo, hi;
+  pi.decode(it, g, c, n0, n1, lo, hi);
+  const int64_t len = hi - lo;
+  // shift by a sample: d = x − sh is exact for clustered data
+  const acc_t sh = acc_t(x[(n0 * C + c) * L + lo]);
+  alignas(64) acc_t sv[kLanes] = {}, qv[kLanes] = {};
+  acc_t st = 0, qt = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* blk = x + (n * C + c) * L + lo;
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        const acc_t d = acc_t(blk[i + j]) - sh;
+        sv[j] += d;
+        qv[j] += d * d;
+      }
+    }
+    for (; i < len; ++i) {  // the tail in scalars: a scalar store into a lane would stall
+      const acc_t d = acc_t(blk[i]) - sh;  // the next plane's vector load of that lane
+      st += d;
+      qt += d * d;
+    }
+  }
+  const acc_t s = lane_sum(sv) + st, q = lane_sum(qv) + qt;
+  const double k = double((n1 - n0) * len), dm = double(s) / k;
+  return {double(sh) + dm, std::max(double(q) - double(s) * dm, 0.0), k};  // M2 = Σ(d − mean d)²
+}
+
+// μ_B and σ²_B (biased) of one channel from its items' moments, in each_of_channel order.
+inline void merge_moments(const Moments* m, int64_t count, double& mean, double& var) {
+  double s = 0, tot = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    s += m[i].mean * m[i].n;
+    tot += m[i].n;
+  }
+  const double mu = s / tot;  // μ_B = 1/m Σ x_i
+  double m2 = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const double d = m[i].mean - mu;
+    m2 += m[i].m2 + m[i].n * d * d;  // Chan: Σ M2_b + Σ n_b (μ_b − μ)²
+  }
+  mean = mu;
+  var = m2 / tot;  // σ²_B, biased
+}
+
 template <typename scalar_t, typename acc_t>
 void planes_stats(const scalar_t* x, const Geo& g, double* mean, double* var) {
   const PlaneItems pi(g);
-  const int64_t L = g.L, C = g.C;
-  std::vector<double> pmean(pi.items), pm2(pi.items), pcnt(pi.items);
+  std::vector<Moments> pm(pi.items);
   at::parallel_for(0, pi.items, pi.grain(), [&](int64_t i0, int64_t i1) {
-    for (int64_t it = i0; it < i1; ++it) {
-      int64_t c, n0, n1, lo, hi;
-      pi.decode(it, g, c, n0, n1, lo, hi);
-      const int64_t len = hi - lo;
-      // shift by a sample: d = x − sh is exact for clustered data
-      const acc_t sh = acc_t(x[(n0 * C + c) * L + lo]);
-      alignas(64) acc_t sv[kLanes] = {}, qv[kLanes] = {};
-      acc_t st = 0, qt = 0;
-      for (int64_t n = n0; n < n1; ++n) {
-        const scalar_t* blk = x + (n * C + c) * L + lo;
-        int64_t i = 0;
-        for (; i + kLanes <= len; i += kLanes) {
-#pragma omp simd
-          for (int j = 0; j < kLanes; ++j) {
-            const acc_t d = acc_t(blk[i + j]) - sh;
-            sv[j] += d;
-            qv[j] += d * d;
-          }
-        }
-        for (; i < len; ++i) {  // the tail in scalars: a scalar store into a lane would stall
-          const acc_t d = acc_t(blk[i]) - sh;  // the next plane's vector load of that lane
-          st += d;
-          qt += d * d;
-        }
-      }
-      const acc_t s = lane_sum(sv) + st, q = lane_sum(qv) + qt;
-      const double k = double((n1 - n0) * len), dm = double(s) / k;
-      pmean[it] = double(sh) + dm;
-      pm2[it] = std::max(double(q) - double(s) * dm, 0.0);  // Σ(d − mean d)²
-      pcnt[it] = k;
-    }
+    for (int64_t it = i0; it < i1; ++it) pm[it] = item_moments<scalar_t, acc_t>(x, g, pi, it);
   });
-  for (int64_t c = 0; c < C; ++c) {  // merge (a few thousand float64 adds: one thread)
-    double s = 0, tot = 0;
-    pi.each_of_channel(c, [&](int64_t i) {
-      s += pmean[i] * pcnt[i];
-      tot += pcnt[i];
-    });
-    const double mu = s / tot;  // μ_B = 1/m Σ x_i
-    double m2 = 0;
-    pi.each_of_channel(c, [&](int64_t i) {
-      const double d = pmean[i] - mu;
-      m2 += pm2[i] + pcnt[i] * d * d;  // Chan: Σ M2_b + Σ n_b (μ_b − μ)²
-    });
-    mean[c] = mu;
-    var[c] = m2 / tot;  // σ²_B, biased
+  std::vector<Moments> mc(pi.per_channel());
+  for (int64_t c = 0; c < g.C; ++c) {  // merge (a few thousand float64 adds: one thread)
+    int64_t j = 0;
+    pi.each_of_channel(c, [&](int64_t i) { mc[j++] = pm[i]; });
+    merge_moments(mc.data(), j, mean[c], var[c]);
   }
 }
 
@@ -544,6 +590,15 @@ inline T activate(T z, T sl) {
   else return z;
 }
 
+// One plane: y_i = act((x_i − μ_hi)·a + bb).
+template <typename scalar_t, int ACT, typename T>
+inline void affine_plane(const scalar_t* __restrict xr, scalar_t* __restrict yr, int64_t L,
+                         const Coeffs<T>& k, T sl) {
+  const T m = k.mhi, aa = k.a, b0 = k.bb;
+#pragma omp simd
+  for (int64_t i = 0; i < L; ++i) yr[i] = scalar_t(activate<ACT>((T(xr[i]) - m) * aa + b0, sl));
+}
+
 template <typename scalar_t, int ACT>
 void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scalar_t>>& k,
             double slope) {
@@ -552,14 +607,7 @@ void affine(const scalar_t* x, scalar_t* y, const Geo& g, const Affine<op_t<scal
   const int64_t C = g.C, L = g.L;
   if (!g.rows) {
     at::parallel_for(0, g.outer * C, std::max<int64_t>(1, kGrain / L), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % C;
-        const scalar_t* xr = x + p * L;
-        scalar_t* yr = y + p * L;
-        const T m = k.mhi[c], aa = k.a[c], b0 = k.bb[c];
-#pragma omp simd
-        for (int64_t i = 0; i < L; ++i) yr[i] = scalar_t(activate<ACT>((T(xr[i]) - m) * aa + b0, sl));
-      }
+      for (int64_t p = p0; p < p1; ++p) affine_plane<scalar_t, ACT>(x + p * L, y + p * L, L, k[p % C], sl);
     });
     return;
   }
@@ -595,6 +643,30 @@ void affine_any(const Tensor& x, Tensor& y, const Geo& g, const Affine<op_t<scal
   with_act(act, [&](auto a) { affine<scalar_t, decltype(a)::value>(xp, yp, g, k, slope); });
 }
 
+// The training forward in one sweep per channel (see sweeps): its moments, then its y.
+template <typename scalar_t, int ACT>
+void planes_forward_sweep(const scalar_t* x, scalar_t* y, const Geo& g, const std::vector<double>& w,
+                          const std::vector<double>& b, double eps, double slope, double* mean,
+                          double* var) {
+  using T = op_t<scalar_t>;
+  const PlaneItems pi(g);
+  const int64_t C = g.C, L = g.L, N = g.outer;
+  const T sl = T(slope);
+  at::parallel_for(0, C, sweep_grain(g), [&](int64_t c0, int64_t c1) {
+    std::vector<Moments> mc(pi.per_channel());
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t j = 0;
+      pi.each_of_channel(c, [&](int64_t i) { mc[j++] = item_moments<scalar_t, T>(x, g, pi, i); });
+      merge_moments(mc.data(), j, mean[c], var[c]);
+      const Coeffs<T> k = coeffs<T>(mean[c], var[c], w[c], b[c], eps);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * L;
+        affine_plane<scalar_t, ACT>(x + off, y + off, L, k, sl);
+      }
+    }
+  });
+}
+
 #define BN_DISPATCH(dtype, ...)                                                   \
   [&] {                                                                           \
     switch (dtype) {                                                              \
@@ -624,6 +696,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_act_v(const Tensor& x, const std::vec
   BN_DISPATCH(x.scalar_type(), [&] {
     double* mp = mean.mutable_data_ptr<double>();
     double* vp = var.mutable_data_ptr<double>();
+    if (sweeps(g)) {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      return with_act(int(act), [&](auto a) {
+        planes_forward_sweep<scalar_t, decltype(a)::value>(xp, yp, g, wv, bv, eps, slope, mp, vp);
+      });
+    }
     stats<scalar_t>(x, g, mp, vp);
     Affine<op_t<scalar_t>> k(mp, vp, wv, bv, eps, g.C);
     affine_any<scalar_t>(x, y, g, k, int(act), slope);
@@ -672,68 +751,75 @@ inline std::pair<T, T> slopes(double slope) {
   return {T(slope), T(slope != 0.0 ? 1.0 / slope : 0.0)};
 }
 
+// The backward's per-channel sums: Σ dL/dz_i, Σ dL/dz_i · u_i, and Σ u_i (which re-centres u on
+// the exact μ_B).
+struct BwdSums {
+  double dz, dz_u, u;
+  BwdSums& operator+=(const BwdSums& o) {
+    dz += o.dz;
+    dz_u += o.dz_u;
+    u += o.u;
+    return *this;
+  }
+};
+
+template <typename scalar_t, typename acc_t, int MODE, typename T = op_t<scalar_t>>
+BwdSums item_bwd_sums(const scalar_t* dy, const scalar_t* s, const Geo& g, const PlaneItems& pi,
+                      int64_t it, const Coeffs<T>& k, T sl, T isl) {
+  const int64_t L = g.L, C = g.C;
+  int64_t c, n0, n1, lo, hi;
+  pi.decode(it, g, c, n0, n1, lo, hi);
+  const int64_t len = hi - lo;
+  const T m = k.mhi, aa = k.a, b0 = k.bb;
+  alignas(64) acc_t v1[kLanes] = {}, v2[kLanes] = {}, v3[kLanes] = {};
+  acc_t t1 = 0, t2 = 0, t3 = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* sr = s + (n * C + c) * L + lo;
+    const scalar_t* gr = dy + (n * C + c) * L + lo;
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) {
+        T dz, u;
+        dz_u<MODE>(T(gr[i + j]), T(sr[i + j]), m, aa, b0, sl, isl, dz, u);
+        v1[j] += acc_t(dz);
+        v2[j] += acc_t(dz) * acc_t(u);
+        v3[j] += acc_t(u);
+      }
+    }
+    for (; i < len; ++i) {  // the tail in scalars (see item_moments)
+      T dz, u;
+      dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
+      t1 += acc_t(dz);
+      t2 += acc_t(dz) * acc_t(u);
+      t3 += acc_t(u);
+    }
+  }
+  return {double(lane_sum(v1) + t1), double(lane_sum(v2) + t2), double(lane_sum(v3) + t3)};
+}
+
 template <typename scalar_t, typename acc_t, int MODE>
 void planes_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
-                       const Affine<op_t<scalar_t>>& k, double slope, double* s1, double* s2,
-                       double* s3) {
+                       const Affine<op_t<scalar_t>>& k, double slope, BwdSums* sums) {
   using T = op_t<scalar_t>;
   const std::pair<T, T> sp = slopes<T>(slope);
   const T sl = sp.first, isl = sp.second;
   const PlaneItems pi(g);
-  const int64_t L = g.L, C = g.C;
-  std::vector<double> p1(pi.items), p2(pi.items), p3(pi.items);
+  std::vector<BwdSums> part(pi.items);
   at::parallel_for(0, pi.items, pi.grain(), [&](int64_t i0, int64_t i1) {
-    for (int64_t it = i0; it < i1; ++it) {
-      int64_t c, n0, n1, lo, hi;
-      pi.decode(it, g, c, n0, n1, lo, hi);
-      const int64_t len = hi - lo;
-      const T m = k.mhi[c], aa = k.a[c], b0 = k.bb[c];
-      alignas(64) acc_t v1[kLanes] = {}, v2[kLanes] = {}, v3[kLanes] = {};
-      acc_t t1 = 0, t2 = 0, t3 = 0;
-      for (int64_t n = n0; n < n1; ++n) {
-        const scalar_t* sr = s + (n * C + c) * L + lo;
-        const scalar_t* gr = dy + (n * C + c) * L + lo;
-        int64_t i = 0;
-        for (; i + kLanes <= len; i += kLanes) {
-#pragma omp simd
-          for (int j = 0; j < kLanes; ++j) {
-            T dz, u;
-            dz_u<MODE>(T(gr[i + j]), T(sr[i + j]), m, aa, b0, sl, isl, dz, u);
-            v1[j] += acc_t(dz);              // Σ dL/dz_i
-            v2[j] += acc_t(dz) * acc_t(u);   // Σ dL/dz_i · u_i
-            v3[j] += acc_t(u);               // Σ u_i: re-centres on the exact μ_B
-          }
-        }
-        for (; i < len; ++i) {  // the tail in scalars (see planes_stats)
-          T dz, u;
-          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
-          t1 += acc_t(dz);
-          t2 += acc_t(dz) * acc_t(u);
-          t3 += acc_t(u);
-        }
-      }
-      p1[it] = double(lane_sum(v1) + t1);
-      p2[it] = double(lane_sum(v2) + t2);
-      p3[it] = double(lane_sum(v3) + t3);
-    }
+    for (int64_t it = i0; it < i1; ++it)
+      part[it] = item_bwd_sums<scalar_t, acc_t, MODE>(dy, s, g, pi, it, k[pi.channel(it)], sl, isl);
   });
-  for (int64_t c = 0; c < C; ++c) {
-    double a1 = 0, a2 = 0, a3 = 0;
-    pi.each_of_channel(c, [&](int64_t i) {
-      a1 += p1[i];
-      a2 += p2[i];
-      a3 += p3[i];
-    });
-    s1[c] = a1;
-    s2[c] = a2;
-    s3[c] = a3;
+  for (int64_t c = 0; c < g.C; ++c) {
+    BwdSums a{0, 0, 0};
+    pi.each_of_channel(c, [&](int64_t i) { a += part[i]; });
+    sums[c] = a;
   }
 }
 
 template <typename scalar_t, typename acc_t, int MODE>
 void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
-                     const Affine<op_t<scalar_t>>& k, double slope, double* s1, double* s2,
-                     double* s3) {
+                     const Affine<op_t<scalar_t>>& k, double slope, BwdSums* sums) {
   using T = op_t<scalar_t>;
   const std::pair<T, T> sp = slopes<T>(slope);
   const T sl = sp.first, isl = sp.second;
@@ -800,38 +886,66 @@ void rows_bwd_reduce(const scalar_t* dy, const scalar_t* s, const Geo& g,
       a2 += p2[kc * C + c];
       a3 += p3[kc * C + c];
     }
-    s1[c] = a1;
-    s2[c] = a2;
-    s3[c] = a3;
+    sums[c] = {a1, a2, a3};
+  }
+}
+
+// Per channel (Section 3): dγ = Σ dz·x̂, dβ = Σ dz, and
+//   dx = γ/σ · (dz − Σdz/m − x̂ · Σdz·x̂/m),  σ = sqrt(σ²_B + ε),
+// written as dx = A·dz + B·u + K with x̂ = p·u + q.
+template <typename T>
+struct DxCoeffs {
+  T A, B, K;
+};
+
+template <int MODE, typename T>
+DxCoeffs<T> dx_coeffs(const BwdSums& s, double var, double w, double b, double eps, double m,
+                      double& dgamma) {
+  const double invstd = 1.0 / std::sqrt(var + eps);
+  double p, q;
+  if (MODE == SAVED_Y) {  // u = z = γ x̂ + β
+    p = 1.0 / w;
+    q = -b / w;
+  } else {  // u = x − μ_hi, x̂ = (u − mean(u))/σ
+    p = invstd;
+    q = -(s.u / m) * invstd;
+  }
+  dgamma = p * s.dz_u + q * s.dz;  // dL/dγ = Σ dL/dy_i · x̂_i
+  const double A = w * invstd, K = -A * dgamma / m;
+  return {T(A), T(K * p), T(-A * s.dz / m + K * q)};
+}
+
+// One plane of dL/dx.
+template <typename scalar_t, int MODE, typename T>
+inline void dx_plane(const scalar_t* __restrict gr, const scalar_t* __restrict sr,
+                     scalar_t* __restrict out, int64_t L, const Coeffs<T>& k, const DxCoeffs<T>& d,
+                     T sl, T isl) {
+  const T m = k.mhi, aa = k.a, b0 = k.bb, A = d.A, B = d.B, K = d.K;
+#pragma omp simd
+  for (int64_t i = 0; i < L; ++i) {
+    T dz, u;
+    dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
+    out[i] = scalar_t(A * dz + B * u + K);  // dL/dx_i, Section 3 collapsed
   }
 }
 
 template <typename scalar_t, int MODE>
 void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
-            const Affine<op_t<scalar_t>>& k, double slope, const std::vector<op_t<scalar_t>>& ka,
-            const std::vector<op_t<scalar_t>>& kb, const std::vector<op_t<scalar_t>>& kc) {
+            const Affine<op_t<scalar_t>>& k, double slope,
+            const std::vector<DxCoeffs<op_t<scalar_t>>>& d) {
   using T = op_t<scalar_t>;
   const std::pair<T, T> sp = slopes<T>(slope);
   const T sl = sp.first, isl = sp.second;
   const int64_t C = g.C, L = g.L;
   if (!g.rows) {
     at::parallel_for(0, g.outer * C, std::max<int64_t>(1, kGrain / L), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % C;
-        const scalar_t* sr = s + p * L;
-        const scalar_t* gr = dy + p * L;
-        scalar_t* out = dx + p * L;
-        const T m = k.mhi[c], aa = k.a[c], b0 = k.bb[c], A = ka[c], B = kb[c], K = kc[c];
-#pragma omp simd
-        for (int64_t i = 0; i < L; ++i) {
-          T dz, u;
-          dz_u<MODE>(T(gr[i]), T(sr[i]), m, aa, b0, sl, isl, dz, u);
-          out[i] = scalar_t(A * dz + B * u + K);  // dL/dx_i, Section 3 collapsed
-        }
-      }
+      for (int64_t p = p0; p < p1; ++p)
+        dx_plane<scalar_t, MODE>(dy + p * L, s + p * L, dx + p * L, L, k[p % C], d[p % C], sl, isl);
     });
     return;
   }
+  std::vector<T> ka(C), kb(C), kc(C);  // one vector per coefficient: the loop over c vectorizes
+  for (int64_t c = 0; c < C; ++c) ka[c] = d[c].A, kb[c] = d[c].B, kc[c] = d[c].K;
   const T* __restrict mhi = k.mhi.data();
   const T* __restrict a = k.a.data();
   const T* __restrict bb = k.bb.data();
@@ -853,47 +967,66 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
   });
 }
 
+// The backward in one sweep per channel (see planes_forward_sweep): the channel's sums, then its
+// dx while its dy and saved values are still in cache. The same items, sums and merge order as
+// planes_bwd_reduce + bwd_dx, so the same numbers.
+template <typename scalar_t, int MODE>
+void planes_backward_sweep(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
+                           const double* mean, const double* var, const std::vector<double>& w,
+                           const std::vector<double>& b, double eps, double slope, double* dgamma,
+                           double* dbeta) {
+  using T = op_t<scalar_t>;
+  const std::pair<T, T> sp = slopes<T>(slope);
+  const T sl = sp.first, isl = sp.second;
+  const PlaneItems pi(g);
+  const int64_t C = g.C, L = g.L, N = g.outer;
+  const double m = double(N * L);
+  at::parallel_for(0, C, sweep_grain(g), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Coeffs<T> k = coeffs<T>(mean[c], var[c], w[c], b[c], eps);
+      BwdSums a{0, 0, 0};
+      pi.each_of_channel(
+          c, [&](int64_t i) { a += item_bwd_sums<scalar_t, T, MODE>(dy, s, g, pi, i, k, sl, isl); });
+      dbeta[c] = a.dz;
+      const DxCoeffs<T> d = dx_coeffs<MODE, T>(a, var[c], w[c], b[c], eps, m, dgamma[c]);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * L;
+        dx_plane<scalar_t, MODE>(dy + off, s + off, dx + off, L, k, d, sl, isl);
+      }
+    }
+  });
+}
+
 template <typename scalar_t, int MODE>
 void backward_impl(const Tensor& dy, const Tensor& saved, const Geo& g, const double* mean,
                    const double* var, const std::vector<double>& w, const std::vector<double>& b,
                    double eps, double slope, Tensor& dx, double* dgamma, double* dbeta) {
   using T = op_t<scalar_t>;
   const int64_t C = g.C;
-  const Affine<T> k(mean, var, w, b, eps, C);
   const scalar_t* gp = dy.const_data_ptr<scalar_t>();
   const scalar_t* sp = saved.const_data_ptr<scalar_t>();
-  std::vector<double> s2(C), s3(C);
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  if (sweeps(g)) {
+    return planes_backward_sweep<scalar_t, MODE>(gp, sp, dxp, g, mean, var, w, b, eps, slope,
+                                                 dgamma, dbeta);
+  }
+  const Affine<T> k(mean, var, w, b, eps, C);
+  std::vector<BwdSums> sums(C);
   const bool small = g.numel() < kSerialBelow;
   if (g.rows) {
-    small ? rows_bwd_reduce<scalar_t, double, MODE>(gp, sp, g, k, slope, dbeta, s2.data(), s3.data())
-          : rows_bwd_reduce<scalar_t, T, MODE>(gp, sp, g, k, slope, dbeta, s2.data(), s3.data());
+    small ? rows_bwd_reduce<scalar_t, double, MODE>(gp, sp, g, k, slope, sums.data())
+          : rows_bwd_reduce<scalar_t, T, MODE>(gp, sp, g, k, slope, sums.data());
   } else {
-    small ? planes_bwd_reduce<scalar_t, double, MODE>(gp, sp, g, k, slope, dbeta, s2.data(), s3.data())
-          : planes_bwd_reduce<scalar_t, T, MODE>(gp, sp, g, k, slope, dbeta, s2.data(), s3.data());
+    small ? planes_bwd_reduce<scalar_t, double, MODE>(gp, sp, g, k, slope, sums.data())
+          : planes_bwd_reduce<scalar_t, T, MODE>(gp, sp, g, k, slope, sums.data());
   }
-  // Per channel (Section 3): dγ = Σ dz·x̂, dβ = Σ dz, and
-  //   dx = γ/σ · (dz − Σdz/m − x̂ · Σdz·x̂/m),  σ = sqrt(σ²_B + ε),
-  // written as dx = A·dz + B·u + K with x̂ = p·u + q.
   const double m = double(g.numel() / C);
-  std::vector<T> ka(C), kb(C), kc(C);
+  std::vector<DxCoeffs<T>> d(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double invstd = 1.0 / std::sqrt(var[c] + eps);
-    double p, q;
-    if (MODE == SAVED_Y) {  // u = z = γ x̂ + β
-      p = 1.0 / w[c];
-      q = -b[c] / w[c];
-    } else {  // u = x − μ_hi, x̂ = (u − mean(u))/σ
-      p = invstd;
-      q = -(s3[c] / m) * invstd;
-    }
-    const double dg = p * s2[c] + q * dbeta[c];  // dL/dγ = Σ dL/dy_i · x̂_i
-    const double A = w[c] * invstd, K = -A * dg / m;
-    dgamma[c] = dg;
-    ka[c] = T(A);
-    kb[c] = T(K * p);
-    kc[c] = T(-A * dbeta[c] / m + K * q);
+    dbeta[c] = sums[c].dz;
+    d[c] = dx_coeffs<MODE, T>(sums[c], var[c], w[c], b[c], eps, m, dgamma[c]);
   }
-  bwd_dx<scalar_t, MODE>(gp, sp, dx.mutable_data_ptr<scalar_t>(), g, k, slope, ka, kb, kc);
+  bwd_dx<scalar_t, MODE>(gp, sp, dxp, g, k, slope, d);
 }
 
 // (dL/dx, dL/dγ, dL/dβ) with dγ, dβ in float64, from x (SAVED_X / SAVED_X_ACT) or y (SAVED_Y).
