@@ -242,7 +242,9 @@ def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
     """A whole training step (forward, backward, SGD) of ResNet-18 and MobileNetV3-Small
     (``benchmarks/nets.py``) with torch.nn's BN, with ours (``convert_model`` + ``fuse_bn_act``),
     and with every BN replaced by ``nn.Identity`` (the limit). Steps are timed round by round in
-    rotating order; medians."""
+    rotating order; BN's share is taken per round against that round's no-BN step (a slow spell
+    of the shared machine moves all three alike), and reported as the median and the middle half
+    of the rounds, as for LeNet."""
     from batchnorm.layers.base import replace_modules
 
     spec = importlib.util.spec_from_file_location("bench_nets", Path(__file__).with_name("nets.py"))
@@ -281,6 +283,15 @@ def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
                 variants[v]()
                 times[v].append(time.perf_counter() - t0)
         med = {v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}
+        share = {
+            v: sorted(a / b - 1 for a, b in zip(times[v], times["none"], strict=True))
+            for v in ("torch", "ours")
+        }
+        ratio = sorted(
+            (o / b - 1) / (t / b - 1)
+            for t, o, b in zip(times["torch"], times["ours"], times["none"], strict=True)
+            if t > b
+        )
         fused = sum(
             isinstance(m, (B.BatchNormAct1d, B.BatchNormAct2d))
             for m in B.fuse_bn_act(B.convert_model(build())).modules()
@@ -291,8 +302,11 @@ def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
                 net=name,
                 fused=f"{fused} of {n_bn}",
                 **{f"{v}_ms": t * 1e3 for v, t in med.items()},
-                torch_share=med["torch"] / med["none"] - 1,
-                ours_share=med["ours"] / med["none"] - 1,
+                torch_share=share["torch"][repeats // 2],
+                ours_share=share["ours"][repeats // 2],
+                ratio=ratio[len(ratio) // 2] if ratio else float("nan"),
+                ratio_lo=ratio[len(ratio) // 4] if ratio else float("nan"),
+                ratio_hi=ratio[(3 * len(ratio)) // 4] if ratio else float("nan"),
             )
         )
     return rows
@@ -301,18 +315,19 @@ def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
 def print_nets(rows, batch: int, size: int) -> None:
     print(
         f"\nWhole-model CPU training step, batch {batch} at {size}x{size}: median ms; BN's share "
-        f"= step with BN / step with BN removed - 1"
+        f"= step with BN / step with BN removed - 1, per round (median; the ratio also with the "
+        f"middle half of the rounds)"
     )
     print(
         "| net | no BN ms | torch.nn ms | ours ms | BN share torch.nn | BN share ours | ours / "
-        "torch share | BN layers fused |"
+        "torch share | middle half | BN layers fused |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(
             f"| {r['net']} | {r['none_ms']:.1f} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | "
             f"{r['torch_share'] * 100:+.1f}% | {r['ours_share'] * 100:+.1f}% | "
-            f"{r['ours_share'] / r['torch_share']:.2f} | {r['fused']} |"
+            f"{r['ratio']:.2f} | {r['ratio_lo']:.2f} to {r['ratio_hi']:.2f} | {r['fused']} |"
         )
 
 
@@ -367,7 +382,7 @@ def main(argv=None) -> None:
     print_table(rows, bw, lenet, title)
     if not warm:  # the whole-model table once, under the default allocator
         batch, size = (4, 56) if args.quick else (32, 112)
-        print_nets(bench_nets(max(3, repeats // 2 * 2 + 1), batch, size), batch, size)
+        print_nets(bench_nets(max(3, 2 * repeats + 1), batch, size), batch, size)
     if warm:
         fb = [r for r in rows if r["case"] == "fwd+bwd"]
         for r in fb:
