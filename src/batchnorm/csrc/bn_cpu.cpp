@@ -42,6 +42,7 @@
 #include <mutex>
 #include <new>
 #include <type_traits>
+#include <unistd.h>
 #include <unordered_map>
 #include <vector>
 
@@ -339,11 +340,25 @@ struct PlaneItems {
 // still in this core's cache: memory sees each tensor once, three tensors' worth of traffic in
 // backward instead of five, two in forward instead of three. A sweep runs the same items, sums
 // and merges in the same order, so its numbers are the two-pass kernels' bit for bit. It needs
-// channels enough to share out between the threads, and values enough to share at all (smaller
-// tensors stay in cache and take one thread anyway).
-bool sweeps(const Geo& g) {
+// channels enough to share out between the threads, values enough to share at all (smaller
+// tensors stay in cache and take one thread anyway), planes long enough to stream (a channel of
+// shorter planes is a scatter of cache lines), and a channel small enough that the backward's
+// three tensors of it (dy, the saved tensor, dx) fit in this core's L2 together.
+int64_t l2_bytes() {
+  static const int64_t l2 = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE  // glibc
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (v > 0) return int64_t(v);
+#endif
+    return int64_t(1) << 20;  // unknown: 1 MiB
+  }();
+  return l2;
+}
+
+bool sweeps(const Geo& g, size_t elem) {
   return !g.rows && g.L >= kSweepPlane && g.numel() >= kSerialBelow &&
-         g.C >= 4 * int64_t(at::get_num_threads());
+         g.C >= 4 * int64_t(at::get_num_threads()) &&
+         3 * g.outer * g.L * int64_t(elem) <= l2_bytes();
 }
 
 int64_t sweep_grain(const Geo& g) { return std::max<int64_t>(1, kGrain / (g.outer * g.L)); }
@@ -696,7 +711,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_act_v(const Tensor& x, const std::vec
   BN_DISPATCH(x.scalar_type(), [&] {
     double* mp = mean.mutable_data_ptr<double>();
     double* vp = var.mutable_data_ptr<double>();
-    if (sweeps(g)) {
+    if (sweeps(g, sizeof(scalar_t))) {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       scalar_t* yp = y.mutable_data_ptr<scalar_t>();
       return with_act(int(act), [&](auto a) {
@@ -1006,7 +1021,7 @@ void backward_impl(const Tensor& dy, const Tensor& saved, const Geo& g, const do
   const scalar_t* gp = dy.const_data_ptr<scalar_t>();
   const scalar_t* sp = saved.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-  if (sweeps(g)) {
+  if (sweeps(g, sizeof(scalar_t))) {
     return planes_backward_sweep<scalar_t, MODE>(gp, sp, dxp, g, mean, var, w, b, eps, slope,
                                                  dgamma, dbeta);
   }
