@@ -382,7 +382,7 @@ def main(argv=None) -> None:
     print_table(rows, bw, lenet, title)
     if not warm:  # the whole-model table once, under the default allocator
         batch, size = (4, 56) if args.quick else (32, 112)
-        print_nets(bench_nets(max(3, 2 * repeats + 1), batch, size), batch, size)
+        print_nets(bench_nets(max(3, 4 * repeats + 1), batch, size), batch, size)
     if warm:
         fb = [r for r in rows if r["case"] == "fwd+bwd"]
         for r in fb:
