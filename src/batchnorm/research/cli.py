@@ -220,7 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # a typo in a subcommand's option: that subcommand's usage, not the top level's
         getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(args.func(args) or 0)
+    code = int(args.func(args) or 0)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose results are on disk: leave without the interpreter's and C++
+        # static teardown, where a still-joinable gloo thread can abort a finished worker
+        # (SIGABRT: "terminate called without an active exception") and fail a good run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -121,17 +121,19 @@ def runtime_of(cfg: Any) -> Runtime:
     )
 
 
-def _join_torchrun_group(rt: Runtime) -> tuple[int, int] | None:
-    """(rank, world size) when ``torchrun`` started several processes; joins their group."""
+def _join_torchrun_group(rt: Runtime) -> tuple[int, int, bool] | None:
+    """(rank, world size, whether this call created the group) when ``torchrun`` started several
+    processes; joins their group."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch.distributed as dist
 
     die_with_parent()  # if the torchrun agent is killed, its workers go with it
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         backend = "nccl" if rt.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), created
 
 
 def _on_group(arm: Arm, world: int) -> Arm:
@@ -245,7 +247,7 @@ def run_experiment(
         raise TypeError(f"{exp.NAME}: expected a {exp.__name__}.Config, got {type(cfg).__name__}")
     rt = runtime_of(cfg)
     group = _join_torchrun_group(rt)
-    rank, world = group or (0, 1)
+    rank, world, created = group or (0, 1, False)
     lead = rank == 0
     data = exp.load(cfg)
     arms: list[Arm] = exp.arms(cfg, data)
@@ -302,6 +304,10 @@ def run_experiment(
                 a, data, out, seed=cfg.seed, resume=resume, quiet=quiet, runtime=rt, rank=rank
             )
         _agree(True)
+        if created:  # every rank is done with the group: close it before any rank exits
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
         if not lead:
             return {}
     else:
