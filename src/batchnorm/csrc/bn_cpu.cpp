@@ -339,9 +339,11 @@ struct PlaneItems {
 // caches comes from memory again. Channel by channel (a sweep), it finds the channel's N·L values
 // still in this core's cache: memory sees each tensor once, three tensors' worth of traffic in
 // backward instead of five, two in forward instead of three. A sweep runs the same items, sums
-// and merges in the same order, so its numbers are the two-pass kernels' bit for bit. It needs
-// channels enough to share out between the threads, values enough to share at all (smaller
-// tensors stay in cache and take one thread anyway), planes long enough to stream (a channel of
+// and merges in the same order, so its numbers are the two-pass kernels' (bit for bit up to the
+// compiler's choice of fused multiply-adds). It needs channels enough to share out between the
+// threads, values enough to share at all (smaller tensors stay in cache and take one thread
+// anyway; they also sum in float64, which the sweep, summing in the compute type, does not
+// reproduce, so that bound must stay), planes long enough to stream (a channel of
 // shorter planes is a scatter of cache lines), and a channel small enough that the backward's
 // three tensors of it (dy, the saved tensor, dx) fit in this core's L2 together.
 int64_t l2_bytes() {
@@ -984,7 +986,7 @@ void bwd_dx(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
 
 // The backward in one sweep per channel (see planes_forward_sweep): the channel's sums, then its
 // dx while its dy and saved values are still in cache. The same items, sums and merge order as
-// planes_bwd_reduce + bwd_dx, so the same numbers.
+// planes_bwd_reduce + bwd_dx, so the same numbers (see sweeps).
 template <typename scalar_t, int MODE>
 void planes_backward_sweep(const scalar_t* dy, const scalar_t* s, scalar_t* dx, const Geo& g,
                            const double* mean, const double* var, const std::vector<double>& w,
