@@ -56,7 +56,7 @@ LABELS = {"baseline": "without BN", "bn": "with BN"}
 DEFAULT_LR = {"mlp": 0.5, "convnet": 0.05}
 
 
-_opt = option
+_h = option
 
 
 @dataclass
@@ -65,42 +65,36 @@ class Config(DataConfig):
 
     model: str = field(
         default="mlp",
-        metadata=_opt(
+        metadata=_h(
             "mlp (the fig1 sigmoid MLP) or convnet (LeNet with ReLU)", choices=("mlp", "convnet")
         ),
     )
     from_run: str | None = field(
         default=None,
-        metadata=_opt(
+        metadata=_h(
             "a finished fig1 run directory: continue its two networks instead of training from scratch",
             metavar="DIR",
         ),
     )
-    steps: int = field(default=3000, metadata=_opt("training steps per network (0: measure only)"))
-    batch_size: int = field(default=60, metadata=_opt("examples per mini-batch"))
+    steps: int = field(default=3000, metadata=_h("training steps per network (0: measure only)"))
+    batch_size: int = field(default=60, metadata=_h("examples per mini-batch"))
     lr: float | None = field(
         default=None,
-        metadata=_opt(
-            "SGD learning rate for both networks (default: 0.5 for mlp, 0.05 for convnet)"
-        ),
+        metadata=_h("SGD learning rate for both networks (default: 0.5 for mlp, 0.05 for convnet)"),
     )
-    init_std: float = field(
-        default=0.05, metadata=_opt("std of the mlp's Gaussian initial weights")
-    )
+    init_std: float = field(default=0.05, metadata=_h("std of the mlp's Gaussian initial weights"))
     measure_points: int = field(
-        default=6, metadata=_opt("measurements, evenly spaced from the first to the last step")
+        default=6, metadata=_h("measurements, evenly spaced from the first to the last step")
     )
     measure_batches: int = field(
-        default=3, metadata=_opt("training batches each measurement averages over")
+        default=3, metadata=_h("training batches each measurement averages over")
     )
     step_multipliers: str = field(
         default="0.25,0.5,1,2,4",
-        metadata=_opt("landscape step sizes as multiples of lr, comma-separated", metavar="LIST"),
+        metadata=_h("landscape step sizes as multiples of lr, comma-separated", metavar="LIST"),
     )
-    track_every: int = field(
-        default=10, metadata=_opt("steps between activation-percentile records")
-    )
-    threads: int = field(default=1, metadata=_opt("torch threads"))
+    track_every: int = field(default=10, metadata=_h("steps between activation-percentile records"))
+    threads: int = field(default=1, metadata=_h("torch threads"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -44,27 +44,27 @@ LABELS = {"baseline": "Without BN", "bn": "With BN"}  # in the figure
 NAME = "fig1"
 
 
-_opt = option
+_h = option
 
 
 @dataclass
 class Config(DataConfig):
     """Settings of one Figure 1 run (defaults: the paper's setup)."""
 
-    steps: int = field(default=50_000, metadata=_opt("training steps (mini-batches)"))
-    batch_size: int = field(default=60, metadata=_opt("examples per mini-batch"))
-    lr: float = field(default=0.5, metadata=_opt("SGD learning rate (both networks)"))
-    init_std: float = field(default=0.05, metadata=_opt("std of the Gaussian initial weights"))
+    steps: int = field(default=50_000, metadata=_h("training steps (mini-batches)"))
+    batch_size: int = field(default=60, metadata=_h("examples per mini-batch"))
+    lr: float = field(default=0.5, metadata=_h("SGD learning rate (both networks)"))
+    init_std: float = field(default=0.05, metadata=_h("std of the Gaussian initial weights"))
     eval_every: int = field(
-        default=500, metadata=_opt("steps between test-set evaluations (and checkpoints)")
+        default=500, metadata=_h("steps between test-set evaluations (and checkpoints)")
     )
     unit: int = field(
-        default=0, metadata=_opt("which sigmoid of the last hidden layer to track (0-99)")
+        default=0, metadata=_h("which sigmoid of the last hidden layer to track (0-99)")
     )
     workers: int = field(
-        default=2, metadata=_opt("processes: 2 trains both networks at once, 1 in turn")
+        default=2, metadata=_h("processes: 2 trains both networks at once, 1 in turn")
     )
-    threads: int = field(default=1, metadata=_opt("torch threads per network"))
+    threads: int = field(default=1, metadata=_h("torch threads per network"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
