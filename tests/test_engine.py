@@ -150,3 +150,23 @@ def test_no_command_executes_a_crafted_pickle_in_a_run_directory(reference, tmp_
         else:
             assert o.returncode != 0 and "checkpoint-" in o.stderr, (c, o.stderr[-500:])
             assert "Traceback" not in o.stderr, o.stderr[-800:]
+
+
+def test_quiet_progress_creates_no_multiprocessing_lock():
+    """A quiet bar must not be a disabled tqdm: tqdm builds a multiprocessing lock even then,
+    which the engine's workers (they leave with os._exit) would leak. In a fresh process, so
+    that no earlier tqdm has built the lock already."""
+    code = (
+        "import multiprocessing, multiprocessing.resource_tracker as rt\n"
+        "multiprocessing.set_start_method('spawn')  # as in a spawned worker: locks register\n"
+        "calls = []\n"
+        "rt.register = lambda *a: calls.append(a)\n"
+        "from batchnorm.research.engine.runner import progress\n"
+        "bar = progress(total=3, quiet=True)\n"
+        "bar.update(1)\n"
+        "bar.close()\n"
+        "assert list(progress([1, 2], quiet=True)) == [1, 2]\n"
+        "print(len(calls))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"

@@ -284,7 +284,13 @@ def progress(
     quiet: bool = False,
     position: int | None = None,
 ):
-    """A tqdm bar (to stderr), or a silent pass-through when ``quiet``."""
+    """A tqdm bar (to stderr), or a silent pass-through when ``quiet``.
+
+    A quiet bar is not a disabled tqdm: tqdm builds a multiprocessing lock even then, and a
+    worker process that leaves with ``os._exit`` (as the engine's do) never releases it, so the
+    resource tracker warns of leaked semaphores at shutdown."""
+    if quiet:
+        return _NoBar(iterable)
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -298,6 +304,22 @@ def progress(
         dynamic_ncols=True,
         mininterval=0.5,
     )
+
+
+class _NoBar:
+    """What the engine uses of a tqdm bar, doing nothing."""
+
+    def __init__(self, iterable: Iterable | None) -> None:
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Stopwatch:
