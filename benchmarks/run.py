@@ -1,6 +1,6 @@
 """CPU benchmark: this package's BN kernels vs torch.nn, ratios measured in one process.
 
-    python benchmarks/run.py            # full table (what `make bench` runs), ~2-4 min on 2 cores
+    python benchmarks/run.py            # full table (what `make bench` runs), ~10 min on 2 cores
     python benchmarks/run.py --quick    # fewer repeats, a smoke run
 
 Prints, per shape: torch.nn time, ours, speed-up, achieved GB/s (passes × bytes / time) and that
@@ -8,8 +8,8 @@ rate as a fraction of the measured copy bandwidth, for BN forward, BN forward+ba
 BN+ReLU forward+backward (fused ``BatchNormAct``) vs ``nn.BatchNorm2d`` + ``nn.ReLU``; bytes kept
 for backward per activation (``saved_tensors_hooks``); page faults per step; and a LeNet-style
 training step at batch 128 with and without BN; and a whole training step of ResNet-18 and
-MobileNetV3-Small (``nets.py``) at batch 32, 112×112, with torch.nn's BN, ours, and none. Times are
-medians of ``--repeats`` runs.
+MobileNetV3-Small (``nets.py``) at batch 32, 112×112, with torch.nn's BN, ours, and none, with
+BN's own op time in that step (``torch.profiler``). Times are medians of ``--repeats`` runs.
 Unless ``--no-warm`` is given, the table is repeated in a child process with glibc's
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised (see docs/performance.md).
 """
@@ -245,13 +245,35 @@ def bench_lenet(repeats: int) -> dict[str, tuple[float, float, float, float, flo
     return out
 
 
+# The profiler events (self CPU time) that BN and the activations after it account for: torch.nn's
+# batch-norm ops, this package's op and its backward node (TrainFn), and the activations a fused
+# layer takes in, with their autograd nodes.
+BN_EVENTS = ("batch_norm", "BatchNorm", "TrainFn")
+ACT_EVENTS = ("relu", "Relu", "threshold_backward", "clamp_min", "hardswish", "Hardswish")
+
+
+def bn_op_ms(step, steps: int) -> float:
+    """Self CPU time per step (ms) of the BN and activation ops of ``step()`` (``BN_EVENTS``,
+    ``ACT_EVENTS``), from ``torch.profiler``. Taken against the same count for the net without
+    BN, it is BN's cost in the step without the rest of the step's noise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    keys = BN_EVENTS + ACT_EVENTS
+    total = sum(e.self_cpu_time_total for e in prof.key_averages() if any(k in e.key for k in keys))
+    return total / steps / 1e3
+
+
 def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
     """A whole training step (forward, backward, SGD) of ResNet-18 and MobileNetV3-Small
     (``benchmarks/nets.py``) with torch.nn's BN, with ours (``convert_model`` + ``fuse_bn_act``),
     and with every BN replaced by ``nn.Identity`` (the limit). Steps are timed round by round in
     rotating order; BN's share is taken per round against that round's no-BN step (a slow spell
     of the shared machine moves all three alike), and reported as the median and the middle half
-    of the rounds, as for LeNet."""
+    of the rounds, as for LeNet. Then BN's own op time: the profiler's count of the BN and
+    activation ops per step (:func:`bn_op_ms`), less the no-BN net's."""
     from batchnorm.layers.base import replace_modules
 
     spec = importlib.util.spec_from_file_location("bench_nets", Path(__file__).with_name("nets.py"))
@@ -299,6 +321,8 @@ def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
             for t, o, b in zip(times["torch"], times["ours"], times["none"], strict=True)
             if t > b
         )
+        prof_steps = max(1, repeats // 4)
+        ops = {v: bn_op_ms(variants[v], prof_steps) for v in names}
         fused = sum(
             isinstance(m, (B.BatchNormAct1d, B.BatchNormAct2d))
             for m in B.fuse_bn_act(B.convert_model(build())).modules()
@@ -314,6 +338,8 @@ def bench_nets(repeats: int, batch: int, size: int) -> list[dict]:
                 ratio=ratio[len(ratio) // 2] if ratio else float("nan"),
                 ratio_lo=ratio[len(ratio) // 4] if ratio else float("nan"),
                 ratio_hi=ratio[(3 * len(ratio)) // 4] if ratio else float("nan"),
+                torch_ops_ms=ops["torch"] - ops["none"],
+                ours_ops_ms=ops["ours"] - ops["none"],
             )
         )
     return rows
@@ -323,18 +349,23 @@ def print_nets(rows, batch: int, size: int) -> None:
     print(
         f"\nWhole-model CPU training step, batch {batch} at {size}x{size}: median ms; BN's share "
         f"= step with BN / step with BN removed - 1, per round (median; the ratio also with the "
-        f"middle half of the rounds)"
+        f"middle half of the rounds); BN ops ms = the profiler's self time of the BN and "
+        f"activation ops per step, less the no-BN net's"
     )
     print(
         "| net | no BN ms | torch.nn ms | ours ms | BN share torch.nn | BN share ours | ours / "
-        "torch share | middle half | BN layers fused |"
+        "torch share | middle half | BN ops ms torch.nn → ours | ours / torch ops | "
+        "BN layers fused |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
+        t_ops, o_ops = r["torch_ops_ms"], r["ours_ops_ms"]
+        ops_ratio = f"{o_ops / t_ops:.2f}" if t_ops > 0 else "n/a"
         print(
             f"| {r['net']} | {r['none_ms']:.1f} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | "
             f"{r['torch_share'] * 100:+.1f}% | {r['ours_share'] * 100:+.1f}% | "
-            f"{r['ratio']:.2f} | {r['ratio_lo']:.2f} to {r['ratio_hi']:.2f} | {r['fused']} |"
+            f"{r['ratio']:.2f} | {r['ratio_lo']:.2f} to {r['ratio_hi']:.2f} | "
+            f"{t_ops:.1f} → {o_ops:.1f} | {ops_ratio} | {r['fused']} |"
         )
 
 

@@ -88,3 +88,24 @@ def test_benchmark_nets_are_torchvisions_architectures():
         assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in folded.modules())
         assert not any(isinstance(m, B.tools.ChannelAffine) for m in folded.modules())
         torch.testing.assert_close(folded(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_bn_op_time_counts_torch_and_our_bn_ops_and_nothing_else(bench):
+    """The op-time column counts torch.nn's BN ops, our op and its backward node, and the
+    activations a fused layer takes in; a net with none of them counts nothing."""
+    x = torch.randn(4, 3, 8, 8)
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+
+    def count(*layers):
+        model = nn.Sequential(copy.deepcopy(conv), *layers)
+
+        def step():
+            model(x).sum().backward()
+
+        return bench.bn_op_ms(step, 2)
+
+    assert count(nn.Flatten()) == 0.0
+    assert count(nn.BatchNorm2d(4)) > 0.0  # BN alone: only the BN events can count it
+    assert count(B.BatchNorm2d(4)) > 0.0  # our op, no activation
+    assert count(nn.ReLU()) > 0.0
+    assert count(nn.Hardswish()) > 0.0
