@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 
 from .engine.launch import RankStopped
-from .engine.runner import CheckpointError
+from .engine.runner import CheckpointError, exit_worker, under_torchrun
 from .experiments import EXPERIMENTS, load_experiment
 
 __all__ = ["build_parser", "main"]
@@ -221,13 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # a typo in a subcommand's option: that subcommand's usage, not the top level's
         getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     code = int(args.func(args) or 0)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A torchrun worker whose results are on disk: leave without the interpreter's and C++
-        # static teardown, where a still-joinable gloo thread can abort a finished worker
-        # (SIGABRT: "terminate called without an active exception") and fail a good run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if under_torchrun():  # a torchrun worker whose results are on disk
+        exit_worker(code)
     return code
 
 

@@ -44,10 +44,12 @@ from .runner import (
     Stopwatch,
     atomic_write_json,
     die_with_parent,
+    exit_worker,
     jsonable,
     keep_records,
     prepare_run_dir,
     read_checkpoint,
+    under_torchrun,
 )
 
 __all__ = [
@@ -124,7 +126,7 @@ def runtime_of(cfg: Any) -> Runtime:
 def _join_torchrun_group(rt: Runtime) -> tuple[int, int, bool] | None:
     """(rank, world size, whether this call created the group) when ``torchrun`` started several
     processes; joins their group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not under_torchrun():
         return None
     import torch.distributed as dist
 
@@ -200,11 +202,7 @@ def _worker(job: tuple) -> None:
         dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
-    # Every result is on disk. Leave without the interpreter's and C++ static teardown, where a
-    # still-joinable gloo thread once aborted a finished worker (SIGABRT), failing a good run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker(0)  # every result is on disk
 
 
 def _rank_entry(rank: int, job: tuple) -> None:  # torch.multiprocessing.spawn passes the rank

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -272,6 +272,20 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() == 1:  # the parent died before the call: nobody will read our results
         os._exit(1)
+
+
+def under_torchrun() -> bool:
+    """Whether ``torchrun`` started this process as one of several (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a distributed worker whose results are on disk, without the interpreter's and C++
+    static teardown: there a still-joinable gloo thread can abort a finished worker (SIGABRT,
+    "terminate called without an active exception") and fail a good run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------- progress and time
